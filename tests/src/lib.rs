@@ -1,0 +1,9 @@
+//! Test support shared by paddock's integration and end-to-end tests.
+//!
+//! Everything here starts or reads *real* components (QEMU, the test disk, the schemas under
+//! `../shared/schemas/`). Nothing in this crate is shipped; it is a dev-dependency only.
+
+pub mod paths;
+pub mod qemu;
+pub mod schema;
+pub mod testdisk;
