@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   # the local runtime and the test disk
   qemu-system-x86 qemu-utils ovmf
-  linux-image-amd64 busybox-static syslinux syslinux-common isolinux mtools dosfstools e2fsprogs fdisk cpio
+  linux-image-amd64 busybox-static syslinux syslinux-common syslinux-efi mtools e2fsprogs fdisk cpio
   # images and registries
   skopeo docker-registry xz-utils zstd
   # the Kubernetes control plane for integration tests

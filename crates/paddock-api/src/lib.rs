@@ -14,3 +14,4 @@ pub mod kubevirt;
 pub mod quantity;
 pub mod schedule;
 pub mod validation;
+pub mod zarf;

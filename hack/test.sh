@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every check paddock has, the way CI runs them (`.ci/run` calls this script):
+#   system packages → formatting → clippy (-D warnings) → generated-file drift → Rust tests
+#   (unit, golden, schema, CEL, and the test disk booting under real QEMU) → control-plane smoke test
+#   (real etcd + kube-apiserver) → Zarf smoke test (real zarf CLI).
+# Tests that need a component install and start it themselves; nothing here is skipped silently.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Built binaries (kube-apiserver, zarf) and the test disk are cached outside the checkout, so later runs
+# on the same machine (a fresh CI clone included) reuse them.
+export PADDOCK_CACHE_DIR=${PADDOCK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/paddock}
+
+started=$SECONDS
+step() {
+  echo
+  echo "==> [$((SECONDS - started))s] $*"
+}
+
+step "system packages"
+hack/install-deps.sh
+
+step "formatting"
+cargo fmt --all --check
+
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "generated files are up to date"
+hack/check-generated.sh
+
+step "Rust tests"
+cargo test --workspace --locked --no-fail-fast
+
+step "Kubernetes control plane smoke test"
+tests/cluster/smoke.sh
+
+step "Zarf smoke test"
+tests/zarf/smoke.sh
+
+step "all checks passed in $((SECONDS - started))s"
