@@ -10,8 +10,8 @@ packages=(
   linux-image-amd64 busybox-static syslinux syslinux-common syslinux-efi mtools e2fsprogs fdisk cpio
   # images and registries
   skopeo docker-registry xz-utils zstd
-  # the Kubernetes control plane for integration tests
-  etcd-server openssl curl
+  # the Kubernetes control plane for integration tests (etcd and kube-apiserver are built from Go modules)
+  openssl curl python3
 )
 
 missing=()
