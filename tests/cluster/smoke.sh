@@ -197,6 +197,54 @@ else
 	fail "BafflesApplication create/status" "$out"
 fi
 
+# -- 6b. paddock's own VirtualMachineApp CRD: the API server compiles its CEL rules (including the cost
+# budget), fills its defaults and enforces them.
+if out="$("${k[@]}" create -f - -o jsonpath='{.spec.runStrategy} {.spec.image.persistent} {.spec.console.baffles.category}' 2>&1 <<'EOF'
+apiVersion: paddock.dev/v1alpha1
+kind: VirtualMachineApp
+metadata:
+  name: smoke-app
+  namespace: default
+spec:
+  image:
+    containerDisk: registry.example.com/vms/debian:12
+  disk:
+    size: 10Gi
+EOF
+)" && [[ "$out" == "Always true vm" ]]; then
+	pass "VirtualMachineApp accepted with defaults filled in: $out"
+else
+	fail "VirtualMachineApp create/defaults" "$out"
+fi
+out="$("${k[@]}" create -f - 2>&1 <<'EOF' || true
+apiVersion: paddock.dev/v1alpha1
+kind: VirtualMachineApp
+metadata:
+  name: smoke-bad-app
+  namespace: default
+spec:
+  image:
+    containerDisk: registry.example.com/vms/debian:12
+    upload: {}
+  resources:
+    cpu: 0
+    memory: 4GB
+  firmware:
+    secureBoot: true
+EOF
+)"
+missing=""
+for expected in "set exactly one image source" "resources.cpu must be between 1 and 512" \
+	"resources.memory must be a quantity of at least 16Mi" "firmware.secureBoot needs firmware.type: uefi" \
+	"disk.size is required"; do
+	[[ "$out" == *"$expected"* ]] || missing="$missing [$expected]"
+done
+if [[ -z "$missing" ]]; then
+	pass "invalid VirtualMachineApp rejected by its CEL rules with paddock's messages" "$out"
+else
+	fail "invalid VirtualMachineApp: missing messages$missing" "$out"
+fi
+
 # -- 7. APIService aggregation through the front-proxy client cert and
 # X-Remote-* headers, to a server on 127.0.0.1 behind an ExternalName Service.
 if command -v python3 >/dev/null; then

@@ -31,6 +31,7 @@ crd_dirs=(
 	"$shared/schemas/kubevirt-v1.9.0-crds"
 	"$shared/schemas/cdi-v1.66.0-crds"
 	"$CLUSTER_DIR/crds"
+	"$REPO_ROOT/deploy/crds"
 )
 for d in "${crd_dirs[@]}"; do
 	compgen -G "$d/*.yaml" >/dev/null || die "no CRDs in $d (set PADDOCK_SHARED_DIR to the shared/ directory)"

@@ -110,7 +110,13 @@ fn read_manifest(file: &PathBuf) -> anyhow::Result<VirtualMachineApp> {
 
 fn validate_manifest(file: &PathBuf) -> anyhow::Result<()> {
     let app = read_manifest(file)?;
-    validate(&app)?;
+    if let Err(invalid) = validate(&app) {
+        let mut message = format!("{} is invalid:", file.display());
+        for violation in &invalid.violations {
+            message.push_str(&format!("\n  - {violation}"));
+        }
+        anyhow::bail!(message);
+    }
     println!(
         "{}: valid",
         app.metadata.name.as_deref().unwrap_or("VirtualMachineApp")
