@@ -11,7 +11,7 @@
 //! - The disk is a DataVolume owned by the app, not a `dataVolumeTemplate` of the VM: KubeVirt v1.9's
 //!   VirtualMachine schema carries an older copy of CDI's API and would prune fields paddock uses (the
 //!   HTTP `checksum`), the operator reads import progress from its own child, and the disk is imported
-//!   even while the VM is `Halted`, so the first start is quick. The VM's volume names the DataVolume
+//!   even while the VM is `Halted` (CDI is asked to bind at once, also on WaitForFirstConsumer storage), so the first start is quick. The VM's volume names the DataVolume
 //!   and KubeVirt waits for it.
 //! - The VM always gets `runStrategy`, never the deprecated `running`.
 //! - With Zarf in the cluster, a persistent containerDisk imports with CDI's `registry` source and
@@ -56,6 +56,8 @@ pub const APP_LABEL: &str = "paddock.dev/app";
 pub const ROOT_DISK: &str = "rootdisk";
 /// The name of the cloud-init disk in the VM's domain.
 pub const CLOUD_INIT_DISK: &str = "cloudinitdisk";
+/// CDI's annotation asking to bind (and so import) a DataVolume before a VM consumes it.
+pub const IMMEDIATE_BINDING_ANNOTATION: &str = "cdi.kubevirt.io/storage.bind.immediate.requested";
 /// The memory a VM gets when the app sets neither memory nor an instancetype.
 pub const DEFAULT_MEMORY: &str = "1Gi";
 /// The cores a VM gets when the app sets neither cpu nor an instancetype.
@@ -343,8 +345,16 @@ fn boot_volume(
     if let Some(reference) = &image.container_disk {
         // CDI wants the reference with its transport; normalising spells out docker.io/library/ so the
         // Zarf agent and CDI read the same name.
-        let normalised =
-            ImageReference::parse(reference).map_or_else(|_| reference.clone(), |r| r.to_string());
+        // CDI's importer refuses references with both a tag and a digest; the digest alone names the image.
+        let normalised = ImageReference::parse(reference).map_or_else(
+            |_| reference.clone(),
+            |mut parsed| {
+                if parsed.digest.is_some() {
+                    parsed.tag = None;
+                }
+                parsed.to_string()
+            },
+        );
         source.registry = Some(DataVolumeSourceRegistry {
             url: Some(format!("docker://{normalised}")),
             pull_method: facts.zarf.as_ref().map(|_| "node".to_owned()),
@@ -393,8 +403,15 @@ fn boot_volume(
         name: data_volume_name.clone(),
         ..Default::default()
     });
+    let mut metadata = child_metadata(data_volume_name, namespace, name, owner);
+    // With WaitForFirstConsumer storage, CDI would otherwise wait for the VM's pod before importing:
+    // nothing would be imported while the VM is Halted and the first start would pay for the import.
+    metadata.annotations = Some(BTreeMap::from([(
+        IMMEDIATE_BINDING_ANNOTATION.to_owned(),
+        "true".to_owned(),
+    )]));
     let data_volume = DataVolume {
-        metadata: child_metadata(data_volume_name, namespace, name, owner),
+        metadata,
         spec: DataVolumeSpec {
             source: source_ref.is_none().then_some(source),
             source_ref,
@@ -451,15 +468,25 @@ fn domain_size(
         // The instancetype sets both; KubeVirt rejects VMs that set them again.
         return (None, None);
     }
-    let cores = resources.and_then(|r| r.cpu).unwrap_or(DEFAULT_CPU_CORES);
+    let count = i32::try_from(resources.and_then(|r| r.cpu).unwrap_or(DEFAULT_CPU_CORES)).ok();
+    // With a preference (and no instancetype) KubeVirt checks the preference's CPU requirement against
+    // the topology the preference prefers, `sockets` unless it says otherwise; cores would count as 0.
+    let cpu = if resources.is_some_and(|r| r.preference.is_some()) {
+        vm::VirtualMachineTemplateSpecDomainCpu {
+            sockets: count,
+            ..Default::default()
+        }
+    } else {
+        vm::VirtualMachineTemplateSpecDomainCpu {
+            cores: count,
+            ..Default::default()
+        }
+    };
     let memory = resources
         .and_then(|r| r.memory.as_ref())
         .map_or_else(|| DEFAULT_MEMORY.to_owned(), |memory| memory.0.clone());
     (
-        Some(vm::VirtualMachineTemplateSpecDomainCpu {
-            cores: i32::try_from(cores).ok(),
-            ..Default::default()
-        }),
+        Some(cpu),
         Some(vm::VirtualMachineTemplateSpecDomainMemory {
             guest: Some(IntOrString::String(memory)),
             ..Default::default()

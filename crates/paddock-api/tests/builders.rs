@@ -147,6 +147,20 @@ spec:
             plain_cluster(),
         ),
         (
+            "preference-digest",
+            app(&format!(
+                "{METADATA}
+spec:
+  image: {{containerDisk: 'quay.io/containerdisks/fedora:40@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef'}}
+  resources: {{cpu: 4, memory: 8Gi, preference: {{name: fedora}}}}
+  disk: {{size: 20Gi}}
+  runStrategy: Always
+  console: {{vnc: true, serial: true, baffles: {{enabled: true, category: vm}}}}
+"
+            )),
+            plain_cluster(),
+        ),
+        (
             "upload",
             app(&format!(
                 "{METADATA}
@@ -369,4 +383,44 @@ fn an_app_without_uid_is_refused() {
     app.metadata.uid = None;
     let error = desired(&app, &facts).unwrap_err().to_string();
     assert!(error.contains("no uid"), "{error}");
+}
+
+#[test]
+fn digest_references_import_without_their_tag() {
+    let (_, app, facts) = scenarios()
+        .into_iter()
+        .find(|(name, _, _)| *name == "preference-digest")
+        .unwrap();
+    let data_volume = desired(&app, &facts).unwrap().data_volume.unwrap();
+    let url = data_volume.spec.source.unwrap().registry.unwrap().url.unwrap();
+    assert_eq!(
+        url,
+        "docker://quay.io/containerdisks/fedora@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    );
+}
+
+#[test]
+fn a_preference_without_instancetype_gets_sockets_and_imports_bind_immediately() {
+    let (_, app, facts) = scenarios()
+        .into_iter()
+        .find(|(name, _, _)| *name == "preference-digest")
+        .unwrap();
+    let desired = desired(&app, &facts).unwrap();
+    let cpu = desired
+        .virtual_machine
+        .spec
+        .template
+        .spec
+        .unwrap()
+        .domain
+        .cpu
+        .unwrap();
+    assert_eq!((cpu.sockets, cpu.cores), (Some(4), None));
+    let annotations = desired.data_volume.unwrap().metadata.annotations.unwrap();
+    assert_eq!(
+        annotations
+            .get("cdi.kubevirt.io/storage.bind.immediate.requested")
+            .map(String::as_str),
+        Some("true")
+    );
 }
