@@ -11,8 +11,9 @@
 //! - The disk is a DataVolume owned by the app, not a `dataVolumeTemplate` of the VM: KubeVirt v1.9's
 //!   VirtualMachine schema carries an older copy of CDI's API and would prune fields paddock uses (the
 //!   HTTP `checksum`), the operator reads import progress from its own child, and the disk is imported
-//!   even while the VM is `Halted` (CDI is asked to bind at once, also on WaitForFirstConsumer storage), so the first start is quick. The VM's volume names the DataVolume
-//!   and KubeVirt waits for it.
+//!   even while the VM is `Halted` (CDI is asked to bind at once, also on WaitForFirstConsumer
+//!   storage), so the first start is quick. The VM's volume names the DataVolume and KubeVirt waits
+//!   for it.
 //! - The VM always gets `runStrategy`, never the deprecated `running`.
 //! - With Zarf in the cluster, a persistent containerDisk imports with CDI's `registry` source and
 //!   `pullMethod: node`: the importer pod then runs the image itself, and the Zarf agent rewrites that
