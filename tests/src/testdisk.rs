@@ -149,3 +149,35 @@ fn build(script: &Path) -> Result<PathBuf, TestDiskError> {
     );
     Ok(disk)
 }
+
+/// Why an end-to-end test cannot get QEMU and the test disk.
+#[derive(Debug, thiserror::Error)]
+pub enum PrerequisiteError {
+    /// QEMU is missing or unusable.
+    #[error(transparent)]
+    Qemu(#[from] crate::qemu::QemuError),
+    /// The test disk could not be built.
+    #[error(transparent)]
+    TestDisk(#[from] TestDiskError),
+}
+
+/// QEMU and the test disk for an end-to-end test. `Ok(None)` only when a prerequisite is missing and
+/// `PADDOCK_ALLOW_SKIP=1` is set, after a loud SKIP line; any other failure is an error, so a test
+/// never passes silently without the real components.
+pub fn qemu_and_test_disk(
+    test_name: &str,
+) -> Result<Option<(crate::qemu::Qemu, PathBuf)>, PrerequisiteError> {
+    let Some(qemu) = crate::qemu::require_qemu(test_name)? else {
+        return Ok(None);
+    };
+    match test_disk() {
+        Ok(disk) => Ok(Some((qemu, disk))),
+        Err(error) if error.is_missing_prerequisite() && crate::qemu::skip_allowed() => {
+            eprintln!(
+                "\n!!!!!!!! SKIP {test_name}: {error} (skipped because PADDOCK_ALLOW_SKIP=1) !!!!!!!!\n"
+            );
+            Ok(None)
+        }
+        Err(error) => Err(error.into()),
+    }
+}

@@ -29,17 +29,7 @@ const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// QEMU and the test disk, or `None` when the test must be skipped (only with PADDOCK_ALLOW_SKIP=1).
 fn prerequisites(test_name: &str) -> Option<(Qemu, PathBuf)> {
-    let qemu = qemu::require_qemu(test_name).unwrap_or_else(|error| panic!("{error}"))?;
-    match testdisk::test_disk() {
-        Ok(disk) => Some((qemu, disk)),
-        Err(error) if error.is_missing_prerequisite() && qemu::skip_allowed() => {
-            eprintln!(
-                "\n!!!!!!!! SKIP {test_name}: {error} (skipped because PADDOCK_ALLOW_SKIP=1) !!!!!!!!\n"
-            );
-            None
-        }
-        Err(error) => panic!("{error}"),
-    }
+    testdisk::qemu_and_test_disk(test_name).unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// Boots `overlay` on `bus` with BIOS, waits for the banners and returns the VM and its data device.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use paddock_local::qmp::{QmpClient, QmpError, QmpEvent, RunState};
-use paddock_tests::qemu::{self, Qemu, RunningVm, ScratchDirectory, VmConfig};
+use paddock_tests::qemu::{Qemu, RunningVm, ScratchDirectory, VmConfig};
 use paddock_tests::testdisk::{self, READY_BANNER};
 use tokio::sync::broadcast;
 
@@ -25,17 +25,7 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// QEMU and the test disk, or `None` when the test must be skipped (only with PADDOCK_ALLOW_SKIP=1).
 fn prerequisites(test_name: &str) -> Option<(Qemu, PathBuf)> {
-    let qemu = qemu::require_qemu(test_name).unwrap_or_else(|error| panic!("{error}"))?;
-    match testdisk::test_disk() {
-        Ok(disk) => Some((qemu, disk)),
-        Err(error) if error.is_missing_prerequisite() && qemu::skip_allowed() => {
-            eprintln!(
-                "\n!!!!!!!! SKIP {test_name}: {error} (skipped because PADDOCK_ALLOW_SKIP=1) !!!!!!!!\n"
-            );
-            None
-        }
-        Err(error) => panic!("{error}"),
-    }
+    testdisk::qemu_and_test_disk(test_name).unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// Boots the test disk on a fresh overlay; returns the VM, its scratch directory and QMP socket.
