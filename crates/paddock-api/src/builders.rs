@@ -98,6 +98,25 @@ pub struct Desired {
     pub baffles_application: Option<BafflesApplication>,
 }
 
+impl Desired {
+    /// Every object as JSON, in the order to apply them: the disk first, the VM that waits for it,
+    /// then the objects that refer to the VM.
+    pub fn to_json(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+        let mut objects = Vec::new();
+        if let Some(data_volume) = &self.data_volume {
+            objects.push(serde_json::to_value(data_volume)?);
+        }
+        objects.push(serde_json::to_value(&self.virtual_machine)?);
+        if let Some(secret) = &self.ssh_keys_secret {
+            objects.push(serde_json::to_value(secret)?);
+        }
+        if let Some(baffles) = &self.baffles_application {
+            objects.push(serde_json::to_value(baffles)?);
+        }
+        Ok(objects)
+    }
+}
+
 /// Why the desired objects cannot be built.
 #[derive(Debug, Error)]
 pub enum BuildError {

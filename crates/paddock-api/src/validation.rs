@@ -57,17 +57,6 @@ pub fn validate(app: &VirtualMachineApp) -> Result<(), InvalidSpec> {
     }
 }
 
-/// Checks a spec alone (for callers that have no metadata yet).
-pub fn validate_spec(spec: &VirtualMachineAppSpec) -> Result<(), InvalidSpec> {
-    let mut violations = Vec::new();
-    check_spec(spec, &mut violations);
-    if violations.is_empty() {
-        Ok(())
-    } else {
-        Err(InvalidSpec { violations })
-    }
-}
-
 fn violation(violations: &mut Vec<Violation>, field: &str, message: impl Into<String>) {
     violations.push(Violation {
         field: field.to_owned(),

@@ -178,18 +178,7 @@ spec:
 }
 
 fn to_documents(desired: &Desired) -> Vec<Value> {
-    let mut documents = Vec::new();
-    if let Some(data_volume) = &desired.data_volume {
-        documents.push(serde_json::to_value(data_volume).unwrap());
-    }
-    documents.push(serde_json::to_value(&desired.virtual_machine).unwrap());
-    if let Some(secret) = &desired.ssh_keys_secret {
-        documents.push(serde_json::to_value(secret).unwrap());
-    }
-    if let Some(baffles) = &desired.baffles_application {
-        documents.push(serde_json::to_value(baffles).unwrap());
-    }
-    documents
+    desired.to_json().unwrap()
 }
 
 fn golden_path(scenario: &str) -> PathBuf {

@@ -477,10 +477,13 @@ impl QmpClient {
         devices: &[&str],
         timeout: Duration,
     ) -> Result<(), QmpError> {
-        let arguments = json!({
-            "job-id": job_id, "tag": tag, "vmstate": vmstate_node, "devices": devices,
-        });
-        self.run_job("snapshot-save", job_id, arguments, timeout).await
+        self.run_job(
+            "snapshot-save",
+            job_id,
+            snapshot_arguments(job_id, tag, vmstate_node, devices),
+            timeout,
+        )
+        .await
     }
 
     /// Restores the internal snapshot `tag` (disks `devices`, VM state from `vmstate_node`).
@@ -492,10 +495,13 @@ impl QmpClient {
         devices: &[&str],
         timeout: Duration,
     ) -> Result<(), QmpError> {
-        let arguments = json!({
-            "job-id": job_id, "tag": tag, "vmstate": vmstate_node, "devices": devices,
-        });
-        self.run_job("snapshot-load", job_id, arguments, timeout).await
+        self.run_job(
+            "snapshot-load",
+            job_id,
+            snapshot_arguments(job_id, tag, vmstate_node, devices),
+            timeout,
+        )
+        .await
     }
 
     /// Deletes the internal snapshot `tag` from the disks `devices`.
@@ -708,6 +714,11 @@ async fn read_loop(
             },
         }));
     }
+}
+
+/// The arguments `snapshot-save` and `snapshot-load` share.
+fn snapshot_arguments(job_id: &str, tag: &str, vmstate_node: &str, devices: &[&str]) -> serde_json::Value {
+    json!({"job-id": job_id, "tag": tag, "vmstate": vmstate_node, "devices": devices})
 }
 
 #[cfg(test)]

@@ -141,17 +141,11 @@ fn render(arguments: &RenderArgs) -> anyhow::Result<()> {
         default_storage_class: arguments.default_storage_class.clone(),
     };
     let desired = desired(&app, &facts)?;
-    let mut documents = Vec::new();
-    if let Some(data_volume) = &desired.data_volume {
-        documents.push(serde_yaml::to_string(data_volume)?);
-    }
-    documents.push(serde_yaml::to_string(&desired.virtual_machine)?);
-    if let Some(secret) = &desired.ssh_keys_secret {
-        documents.push(serde_yaml::to_string(secret)?);
-    }
-    if let Some(baffles) = &desired.baffles_application {
-        documents.push(serde_yaml::to_string(baffles)?);
-    }
+    let documents = desired
+        .to_json()?
+        .iter()
+        .map(serde_yaml::to_string)
+        .collect::<Result<Vec<_>, _>>()?;
     std::io::stdout()
         .lock()
         .write_all(documents.join("---\n").as_bytes())?;

@@ -33,7 +33,12 @@ fn crd_prints_the_committed_crd() {
         "/../../deploy/crds/virtualmachineapps.paddock.dev.yaml"
     ))
     .unwrap();
-    assert_eq!(String::from_utf8(output.stdout).unwrap(), committed);
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap(),
+        committed,
+        "deploy/crds/virtualmachineapps.paddock.dev.yaml drifted: regenerate it with \
+         `cargo run -p paddock -- crd > deploy/crds/virtualmachineapps.paddock.dev.yaml`"
+    );
 }
 
 #[test]
