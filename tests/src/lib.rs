@@ -5,5 +5,7 @@
 
 pub mod paths;
 pub mod qemu;
+pub mod registry;
 pub mod schema;
 pub mod testdisk;
+pub mod zarf;

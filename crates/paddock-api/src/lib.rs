@@ -11,6 +11,7 @@ pub mod builders;
 pub mod cdi;
 pub mod image_reference;
 pub mod kubevirt;
+pub mod packaging;
 pub mod quantity;
 pub mod schedule;
 pub mod validation;

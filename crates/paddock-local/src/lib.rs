@@ -1,9 +1,28 @@
-//! The QEMU/KVM runtime: QMP, disks, snapshots, VNC.
+//! The local runtime: paddock VMs on this machine with QEMU (KVM when usable, TCG otherwise),
+//! from the same `VirtualMachineApp` manifest the operator deploys to KubeVirt.
 //!
-//! Role: run paddock VMs on this machine, without a cluster, from the same manifest the operator
-//! deploys to KubeVirt.
+//! Role: what `paddock serve` and the CLI drive when there is no cluster.
 //!
-//! Contract so far: [`qmp`] is the async client for QEMU's machine protocol that every other part
-//! of the runtime drives QEMU through. Disks, snapshots and VNC arrive with their issues.
+//! Contract:
+//! - [`Runtime`] is the facade: create, list, get, start, stop, force stop, restart, pause,
+//!   resume, delete, clone, screenshot, console sockets, snapshots and a broadcast of changes.
+//!   Errors carry an [`ErrorKind`] for mapping to protocol codes.
+//! - Everything lives in a state directory (see [`state`] and the crate README); QEMU processes
+//!   survive the runtime and are re-attached by the next one.
+//! - [`qmp`] is the async QMP client every QEMU is driven through.
 
+pub mod error;
+pub mod image;
+pub mod qemu;
 pub mod qmp;
+pub mod runtime;
+pub mod seed;
+pub mod state;
+
+pub use error::{ErrorKind, Result, RuntimeError};
+pub use image::ImageSource;
+pub use qemu::{Accelerator, AcceleratorChoice};
+pub use runtime::{DEFAULT_GRACEFUL_STOP_TIMEOUT, Runtime, RuntimeOptions, StopOutcome, VmEvent, VmInfo};
+pub use state::{
+    DEFAULT_NAMESPACE, ExitKind, LastExit, SnapshotInfo, VmId, VmPhase, VmStatus, default_state_dir,
+};

@@ -12,7 +12,8 @@
 //!   event arrives; a subscriber that falls behind by more than [`EVENT_CAPACITY`] events loses
 //!   the oldest ones (`broadcast` lag), never the replies.
 //! - Every call is bounded by a timeout; when the connection closes, pending and later calls fail
-//!   with [`QmpError::ConnectionClosed`].
+//!   with [`QmpError::ConnectionClosed`], and [`QmpClient::closed`] completes, so a supervisor
+//!   learns that QEMU went away even when no command is in flight.
 //! - Snapshot commands are QMP jobs: the helpers wait for the job to conclude, report its error,
 //!   and dismiss it, so no concluded job lingers in QEMU.
 
@@ -27,7 +28,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// How long a command may take by default, from sending it to its reply.
@@ -229,6 +230,8 @@ pub struct QmpClient {
     version: QemuVersion,
     command_timeout: Duration,
     reader: JoinHandle<()>,
+    /// Becomes `true` once the reader saw the connection end.
+    closed: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for QmpClient {
@@ -293,7 +296,13 @@ impl QmpClient {
 
         let pending = Arc::new(Mutex::new(PendingReplies::default()));
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let reader = tokio::spawn(read_loop(lines, Arc::clone(&pending), events.clone()));
+        let (closed_sender, closed) = watch::channel(false);
+        let reader = tokio::spawn(read_loop(
+            lines,
+            Arc::clone(&pending),
+            events.clone(),
+            closed_sender,
+        ));
         let client = QmpClient {
             socket_path,
             writer: tokio::sync::Mutex::new(write_half),
@@ -303,6 +312,7 @@ impl QmpClient {
             version,
             command_timeout,
             reader,
+            closed,
         };
         client.execute("qmp_capabilities", None).await?;
         Ok(client)
@@ -316,6 +326,19 @@ impl QmpClient {
     /// The socket this client is connected to.
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
+    }
+
+    /// Whether the connection has ended (QEMU exited or closed it).
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Completes once the connection has ended; at once if it already has. Events that arrived
+    /// before the end are delivered to subscribers before this completes.
+    pub async fn closed(&self) {
+        let mut closed = self.closed.clone();
+        // An error means the reader is gone, which also means the connection is over.
+        let _ = closed.wait_for(|closed| *closed).await;
     }
 
     /// A receiver of every event that arrives from now on.
@@ -516,6 +539,35 @@ impl QmpClient {
         self.run_job("snapshot-delete", job_id, arguments, timeout).await
     }
 
+    /// Copies the data of block node `device` that is not in its backing chain (`sync: top`) into a
+    /// new qcow2 image `target`, which QEMU creates backed by the same backing file: a consistent
+    /// point-in-time copy of a running VM's overlay. Waits up to `timeout` for the job.
+    pub async fn drive_backup_top(
+        &self,
+        job_id: &str,
+        device: &str,
+        target: &Path,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        let target = target.to_str().ok_or_else(|| QmpError::Protocol {
+            details: format!(
+                "backup target {} is not valid UTF-8, which QMP's JSON cannot carry",
+                target.display()
+            ),
+        })?;
+        // auto-dismiss off: run_job reads the job's outcome before dismissing it itself.
+        let arguments = json!({
+            "job-id": job_id,
+            "device": device,
+            "target": target,
+            "format": "qcow2",
+            "sync": "top",
+            "mode": "absolute-paths",
+            "auto-dismiss": false,
+        });
+        self.run_job("drive-backup", job_id, arguments, timeout).await
+    }
+
     /// Runs a human monitor (HMP) command line and returns its text output.
     pub async fn human_monitor_command(&self, command_line: &str) -> Result<String, QmpError> {
         let reply = self
@@ -658,6 +710,7 @@ async fn read_loop(
     mut lines: BufReader<OwnedReadHalf>,
     pending: Arc<Mutex<PendingReplies>>,
     events: broadcast::Sender<QmpEvent>,
+    closed: watch::Sender<bool>,
 ) {
     let ending = loop {
         let message = match read_message(&mut lines).await {
@@ -704,6 +757,8 @@ async fn read_loop(
     };
     let mut pending = lock(&pending);
     pending.closed = true;
+    // Nobody watching is fine: the flag is also kept for later `closed()` calls.
+    closed.send_replace(true);
     for (_, sender) in pending.waiting.drain() {
         let _ = sender.send(Err(match &ending {
             Some(error) => QmpError::Protocol {

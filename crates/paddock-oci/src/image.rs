@@ -13,8 +13,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    ANNOTATION_REF_NAME, CONTAINERDISK_UID_GID, ENV_DEFAULT_INSTANCETYPE, ENV_DEFAULT_PREFERENCE, Error,
-    LABEL_SOURCE_DIGEST, MEDIA_TYPE_CONFIG, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST, Result,
+    ANNOTATION_CONTAINERD_IMAGE_NAME, ANNOTATION_REF_NAME, CONTAINERDISK_UID_GID, ENV_DEFAULT_INSTANCETYPE,
+    ENV_DEFAULT_PREFERENCE, Error, LABEL_SOURCE_DIGEST, MEDIA_TYPE_CONFIG, MEDIA_TYPE_INDEX,
+    MEDIA_TYPE_MANIFEST, Result,
 };
 
 /// Layer compression.
@@ -44,13 +45,90 @@ impl Compression {
     }
 }
 
+/// An OCI platform: `os/architecture[/variant]` with Go's names (`linux/amd64`, `linux/arm64/v8`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Platform {
+    /// Operating system; containerDisks are always `linux` (the launcher's OS, not the guest's).
+    pub os: String,
+    /// CPU architecture the disk boots on (`amd64`, `arm64`, `s390x`, ...).
+    pub architecture: String,
+    /// Architecture variant (`v8` for arm64), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+impl Default for Platform {
+    fn default() -> Self {
+        Self {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+        }
+    }
+}
+
+impl Platform {
+    /// The architectures KubeVirt runs VMs on (Go names).
+    pub const KUBEVIRT_ARCHITECTURES: [&'static str; 3] = ["amd64", "arm64", "s390x"];
+
+    /// Parses `os/architecture[/variant]`, e.g. `linux/arm64`.
+    pub fn parse(text: &str) -> Result<Platform> {
+        let bad = |reason: String| Error::InvalidPlatform {
+            platform: text.to_string(),
+            reason,
+        };
+        let parts: Vec<&str> = text.split('/').collect();
+        let (os, architecture, variant) = match parts.as_slice() {
+            [os, architecture] => (*os, *architecture, None),
+            [os, architecture, variant] => (*os, *architecture, Some(*variant)),
+            _ => return Err(bad("expected os/architecture or os/architecture/variant".into())),
+        };
+        if os != "linux" {
+            return Err(bad(format!(
+                "the os of a containerDisk image is always linux (the virt-launcher's), not {os:?}"
+            )));
+        }
+        if !Self::KUBEVIRT_ARCHITECTURES.contains(&architecture) {
+            return Err(bad(format!(
+                "KubeVirt runs VMs on {}, not {architecture:?}",
+                Self::KUBEVIRT_ARCHITECTURES.join(", ")
+            )));
+        }
+        if variant.is_some_and(str::is_empty) {
+            return Err(bad("the variant after the last '/' is empty".into()));
+        }
+        Ok(Platform {
+            os: os.to_string(),
+            architecture: architecture.to_string(),
+            variant: variant.map(str::to_string),
+        })
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}/{}", self.os, self.architecture)?;
+        if let Some(variant) = &self.variant {
+            write!(formatter, "/{variant}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Options for [`build_layout`].
 #[derive(Debug, Clone)]
 pub struct ImageOptions {
-    /// Tag recorded as `org.opencontainers.image.ref.name` in `index.json`.
+    /// Tag recorded as `org.opencontainers.image.ref.name` in `index.json` when no
+    /// [`reference`](Self::reference) is given.
     pub tag: String,
-    /// Image architecture (OCI/Go naming), `amd64` by default.
-    pub architecture: String,
+    /// The full image reference (`registry/repository:tag`). When set, `index.json` names the image
+    /// by it in `org.opencontainers.image.ref.name` and `io.containerd.image.name`, which is what
+    /// Zarf `imageArchives`, podman and containerd read from an OCI archive; skopeo's
+    /// `oci:DIR:REFERENCE` finds it too.
+    pub reference: Option<String>,
+    /// The platform of a single-platform image (`linux/amd64` by default); see
+    /// [`build_index_layout`] for several.
+    pub platform: Platform,
     /// Layer compression.
     pub compression: Compression,
     /// mtime of the tar entries (seconds since the epoch); 0 by default, a SOURCE_DATE_EPOCH-style
@@ -72,7 +150,8 @@ impl Default for ImageOptions {
     fn default() -> Self {
         Self {
             tag: "latest".into(),
-            architecture: "amd64".into(),
+            reference: None,
+            platform: Platform::default(),
             compression: Compression::Zstd,
             mtime: 0,
             default_instancetype: None,
@@ -114,6 +193,9 @@ pub struct Descriptor {
     pub digest: String,
     /// Size of the blob in bytes.
     pub size: u64,
+    /// The platform of a manifest listed in an image index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
     /// Annotations (only used for the index entry).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
@@ -126,6 +208,8 @@ pub struct BuiltImage {
     pub layout: PathBuf,
     /// The tag in `index.json`.
     pub tag: String,
+    /// The platform the disk boots on.
+    pub platform: Platform,
     /// The manifest descriptor (its digest is the image digest).
     pub manifest: Descriptor,
     /// The config descriptor.
@@ -154,13 +238,15 @@ struct Manifest<'a> {
 struct Index<'a> {
     schema_version: u32,
     media_type: &'a str,
-    manifests: [&'a Descriptor; 1],
+    manifests: Vec<&'a Descriptor>,
 }
 
 #[derive(Serialize)]
 struct ImageConfig<'a> {
     architecture: &'a str,
     os: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<&'a str>,
     config: RunConfig,
     rootfs: RootFs,
 }
@@ -402,6 +488,7 @@ fn write_layer(
             media_type: opts.compression.media_type().to_string(),
             digest: hasher.map_or_else(|| diff_id.clone(), hex_digest),
             size: count,
+            platform: None,
             annotations: BTreeMap::new(),
         },
         diff_id,
@@ -431,8 +518,143 @@ fn write_json_blob(blobs: &Path, media_type: &str, data: &[u8]) -> Result<Descri
         media_type: media_type.to_string(),
         digest,
         size: data.len() as u64,
+        platform: None,
         annotations: BTreeMap::new(),
     })
+}
+
+/// The blobs of one platform's image, written into a layout's `blobs/sha256`.
+struct ImageBlobs {
+    manifest: Descriptor,
+    config: Descriptor,
+    layer: Descriptor,
+    diff_id: String,
+    source_digest: String,
+    source_size: u64,
+}
+
+/// Streams `disk` into a layer blob and writes the config and manifest blobs next to it.
+fn write_image_blobs(
+    disk: &Path,
+    blobs: &Path,
+    platform: &Platform,
+    opts: &ImageOptions,
+    progress: &mut dyn Progress,
+) -> Result<ImageBlobs> {
+    let layer_tmp = blobs.join(".layer.partial");
+    let (layer, diff_id, source_digest, source_size) = write_layer(disk, &layer_tmp, opts, progress)?;
+    let layer_path = blob_file(blobs, &layer.digest);
+    fs::rename(&layer_tmp, &layer_path).map_err(|source| Error::Write {
+        path: layer_path.clone(),
+        source,
+    })?;
+
+    let mut env = Vec::new();
+    if let Some(instancetype) = &opts.default_instancetype {
+        env.push(format!("{ENV_DEFAULT_INSTANCETYPE}={instancetype}"));
+    }
+    if let Some(preference) = &opts.default_preference {
+        env.push(format!("{ENV_DEFAULT_PREFERENCE}={preference}"));
+    }
+    let config = ImageConfig {
+        architecture: &platform.architecture,
+        os: &platform.os,
+        variant: platform.variant.as_deref(),
+        config: RunConfig {
+            env,
+            labels: BTreeMap::from([(LABEL_SOURCE_DIGEST.to_string(), source_digest.clone())]),
+        },
+        rootfs: RootFs {
+            kind: "layers",
+            diff_ids: vec![diff_id.clone()],
+        },
+    };
+    let config_descriptor = write_json_blob(blobs, MEDIA_TYPE_CONFIG, &serde_json::to_vec(&config)?)?;
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: MEDIA_TYPE_MANIFEST,
+        config: &config_descriptor,
+        layers: [&layer],
+    };
+    let manifest_descriptor = write_json_blob(blobs, MEDIA_TYPE_MANIFEST, &serde_json::to_vec(&manifest)?)?;
+    Ok(ImageBlobs {
+        manifest: manifest_descriptor,
+        config: config_descriptor,
+        layer,
+        diff_id,
+        source_digest,
+        source_size,
+    })
+}
+
+/// A layout being assembled in a temporary directory next to its destination.
+struct PendingLayout {
+    directory: tempfile::TempDir,
+    blobs: PathBuf,
+}
+
+impl PendingLayout {
+    fn create(dest: &Path, opts: &ImageOptions) -> Result<PendingLayout> {
+        check_tag(&opts.tag)?;
+        if dest.symlink_metadata().is_ok() {
+            return Err(Error::DestinationExists {
+                path: dest.to_path_buf(),
+            });
+        }
+        let parent = match dest.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let directory = tempfile::Builder::new()
+            .prefix(".paddock-oci-")
+            .tempdir_in(&parent)
+            .map_err(|source| Error::Write { path: parent, source })?;
+        let blobs = directory.path().join("blobs").join("sha256");
+        fs::create_dir_all(&blobs).map_err(|source| Error::Write {
+            path: blobs.clone(),
+            source,
+        })?;
+        Ok(PendingLayout { directory, blobs })
+    }
+
+    /// Writes `index.json` naming `top` (a manifest or an image index) and `oci-layout`, then
+    /// renames the layout into place at `dest`.
+    fn finish(self, mut top: Descriptor, dest: &Path, opts: &ImageOptions) -> Result<Descriptor> {
+        let name = opts.reference.clone().unwrap_or_else(|| opts.tag.clone());
+        top.annotations.insert(ANNOTATION_REF_NAME.to_string(), name);
+        if let Some(reference) = &opts.reference {
+            top.annotations
+                .insert(ANNOTATION_CONTAINERD_IMAGE_NAME.to_string(), reference.clone());
+        }
+        let index = Index {
+            schema_version: 2,
+            media_type: MEDIA_TYPE_INDEX,
+            manifests: vec![&top],
+        };
+        write_file(
+            &self.directory.path().join("index.json"),
+            &serde_json::to_vec(&index)?,
+        )?;
+        write_file(
+            &self.directory.path().join("oci-layout"),
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
+        )?;
+        // Re-check just before the rename: rename(2) would silently replace an empty directory.
+        if dest.symlink_metadata().is_ok() {
+            return Err(Error::DestinationExists {
+                path: dest.to_path_buf(),
+            });
+        }
+        let pending = self.directory.keep();
+        if let Err(source) = fs::rename(&pending, dest) {
+            let _ = fs::remove_dir_all(&pending);
+            return Err(Error::Write {
+                path: dest.to_path_buf(),
+                source,
+            });
+        }
+        Ok(top)
+    }
 }
 
 /// Builds the containerDisk image for `disk` and writes it as an OCI image layout at `dest`.
@@ -445,95 +667,107 @@ pub fn build_layout(
     opts: &ImageOptions,
     progress: &mut dyn Progress,
 ) -> Result<BuiltImage> {
-    check_tag(&opts.tag)?;
-    if dest.symlink_metadata().is_ok() {
-        return Err(Error::DestinationExists {
-            path: dest.to_path_buf(),
-        });
-    }
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let werr = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Write { path, source }
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".paddock-oci-")
-        .tempdir_in(&parent)
-        .map_err(werr(&parent))?;
-    let blobs = tmp.path().join("blobs").join("sha256");
-    fs::create_dir_all(&blobs).map_err(werr(&blobs))?;
-
-    let layer_tmp = blobs.join(".layer.partial");
-    let (layer, diff_id, source_digest, source_size) = write_layer(disk, &layer_tmp, opts, progress)?;
-    let layer_path = blob_file(&blobs, &layer.digest);
-    fs::rename(&layer_tmp, &layer_path).map_err(werr(&layer_path))?;
-
-    let mut env = Vec::new();
-    if let Some(it) = &opts.default_instancetype {
-        env.push(format!("{ENV_DEFAULT_INSTANCETYPE}={it}"));
-    }
-    if let Some(p) = &opts.default_preference {
-        env.push(format!("{ENV_DEFAULT_PREFERENCE}={p}"));
-    }
-    let config = ImageConfig {
-        architecture: &opts.architecture,
-        os: "linux",
-        config: RunConfig {
-            env,
-            labels: BTreeMap::from([(LABEL_SOURCE_DIGEST.to_string(), source_digest.clone())]),
-        },
-        rootfs: RootFs {
-            kind: "layers",
-            diff_ids: vec![diff_id.clone()],
-        },
-    };
-    let config_desc = write_json_blob(&blobs, MEDIA_TYPE_CONFIG, &serde_json::to_vec(&config)?)?;
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: MEDIA_TYPE_MANIFEST,
-        config: &config_desc,
-        layers: [&layer],
-    };
-    let mut manifest_desc = write_json_blob(&blobs, MEDIA_TYPE_MANIFEST, &serde_json::to_vec(&manifest)?)?;
-    manifest_desc
-        .annotations
-        .insert(ANNOTATION_REF_NAME.to_string(), opts.tag.clone());
-    let index = Index {
-        schema_version: 2,
-        media_type: MEDIA_TYPE_INDEX,
-        manifests: [&manifest_desc],
-    };
-    write_file(&tmp.path().join("index.json"), &serde_json::to_vec(&index)?)?;
-    write_file(
-        &tmp.path().join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-
-    // Re-check just before the rename: rename(2) would silently replace an empty directory.
-    if dest.symlink_metadata().is_ok() {
-        return Err(Error::DestinationExists {
-            path: dest.to_path_buf(),
-        });
-    }
-    let tmp_path = tmp.keep();
-    if let Err(source) = fs::rename(&tmp_path, dest) {
-        let _ = fs::remove_dir_all(&tmp_path);
-        return Err(Error::Write {
-            path: dest.to_path_buf(),
-            source,
-        });
-    }
+    let pending = PendingLayout::create(dest, opts)?;
+    let blobs = write_image_blobs(disk, &pending.blobs, &opts.platform, opts, progress)?;
+    let manifest = pending.finish(blobs.manifest, dest, opts)?;
     Ok(BuiltImage {
         layout: dest.to_path_buf(),
         tag: opts.tag.clone(),
-        manifest: manifest_desc,
-        config: config_desc,
-        layer,
-        diff_id,
-        source_digest,
-        source_size,
+        platform: opts.platform.clone(),
+        manifest,
+        config: blobs.config,
+        layer: blobs.layer,
+        diff_id: blobs.diff_id,
+        source_digest: blobs.source_digest,
+        source_size: blobs.source_size,
+    })
+}
+
+/// One platform's disk for [`build_index_layout`].
+#[derive(Debug, Clone)]
+pub struct PlatformDisk {
+    /// The disk file (qcow2 or raw) that boots on `platform`.
+    pub disk: PathBuf,
+    /// The platform.
+    pub platform: Platform,
+}
+
+/// What [`build_index_layout`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltIndex {
+    /// The layout directory.
+    pub layout: PathBuf,
+    /// The tag in `index.json`.
+    pub tag: String,
+    /// The image index descriptor (its digest is the image digest that a tag resolves to).
+    pub index: Descriptor,
+    /// One image per platform, in the order given.
+    pub images: Vec<BuiltImage>,
+}
+
+/// Builds a multi-platform containerDisk: one image per disk, listed with its platform in an OCI
+/// image index, written as an OCI image layout at `dest` (`opts.platform` is ignored).
+///
+/// A VM disk boots on one architecture only, so each platform brings its own disk. Platforms must
+/// be distinct; `dest` must not exist; the layout appears complete or not at all.
+pub fn build_index_layout(
+    disks: &[PlatformDisk],
+    dest: &Path,
+    opts: &ImageOptions,
+    progress: &mut dyn Progress,
+) -> Result<BuiltIndex> {
+    if disks.is_empty() {
+        return Err(Error::InvalidPlatform {
+            platform: String::new(),
+            reason: "an image index needs at least one disk and platform".into(),
+        });
+    }
+    for (position, entry) in disks.iter().enumerate() {
+        if disks[..position]
+            .iter()
+            .any(|earlier| earlier.platform == entry.platform)
+        {
+            return Err(Error::InvalidPlatform {
+                platform: entry.platform.to_string(),
+                reason: "it is given twice; give each platform one disk".into(),
+            });
+        }
+    }
+    let pending = PendingLayout::create(dest, opts)?;
+    let mut built = Vec::with_capacity(disks.len());
+    let mut manifests = Vec::with_capacity(disks.len());
+    for entry in disks {
+        let blobs = write_image_blobs(&entry.disk, &pending.blobs, &entry.platform, opts, progress)?;
+        let mut listed = blobs.manifest.clone();
+        listed.platform = Some(entry.platform.clone());
+        manifests.push(listed);
+        built.push(BuiltImage {
+            layout: dest.to_path_buf(),
+            tag: opts.tag.clone(),
+            platform: entry.platform.clone(),
+            manifest: blobs.manifest,
+            config: blobs.config,
+            layer: blobs.layer,
+            diff_id: blobs.diff_id,
+            source_digest: blobs.source_digest,
+            source_size: blobs.source_size,
+        });
+    }
+    let image_index = Index {
+        schema_version: 2,
+        media_type: MEDIA_TYPE_INDEX,
+        manifests: manifests.iter().collect(),
+    };
+    let index_descriptor = write_json_blob(
+        &pending.blobs,
+        MEDIA_TYPE_INDEX,
+        &serde_json::to_vec(&image_index)?,
+    )?;
+    let index = pending.finish(index_descriptor, dest, opts)?;
+    Ok(BuiltIndex {
+        layout: dest.to_path_buf(),
+        tag: opts.tag.clone(),
+        index,
+        images: built,
     })
 }

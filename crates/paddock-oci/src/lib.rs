@@ -2,7 +2,8 @@
 //!
 //! Role: turn one VM disk file (qcow2 or raw) into the containerDisk image KubeVirt and CDI accept,
 //! written as an OCI image layout directory (and optionally an OCI archive, usable as a Zarf
-//! `imageArchives` entry). Registry push/pull and Zarf package config arrive later.
+//! `imageArchives` entry); push it to a registry ([`push`]), pull one back ([`pull`]) and extract
+//! its disk ([`extract_disk`]).
 //!
 //! Contract:
 //! - exactly one layer: a tar holding directory `disk/` (mode 0555, uid/gid 107) and regular file
@@ -16,11 +17,22 @@
 //!
 //! See the crate README for media types and the pending compression default.
 
+mod extract;
 mod image;
 mod layout;
+pub mod registry;
+pub mod zarf;
 
-pub use image::{BuiltImage, Compression, Descriptor, ImageOptions, NoProgress, Progress, build_layout};
+pub use extract::{ExtractError, ExtractedDisk, extract_disk};
+pub use image::{
+    BuiltImage, BuiltIndex, Compression, Descriptor, ImageOptions, NoProgress, Platform, PlatformDisk,
+    Progress, build_index_layout, build_layout,
+};
 pub use layout::write_archive;
+pub use registry::{
+    BlobPhase, BlobProgress, Credentials, NoTransferProgress, PullOptions, PulledImage, PushOptions,
+    PushReport, RegistryError, RegistryOptions, TransferProgress, pull, push,
+};
 
 use std::path::PathBuf;
 
@@ -30,9 +42,11 @@ pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+jso
 pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// Media type of an OCI image config.
 pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-/// Annotation naming a manifest in `index.json` (the tag).
+/// Annotation naming a manifest in `index.json` (the tag, or the full reference when known).
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
-/// Config label carrying the sha256 digest of the input disk file.
+/// Annotation containerd (and Zarf, first of all) reads as the full image reference in an archive.
+pub const ANNOTATION_CONTAINERD_IMAGE_NAME: &str = "io.containerd.image.name";
+/// Config label carrying the sha256 digest of `disk/disk.img` (the disk file the image was built from).
 pub const LABEL_SOURCE_DIGEST: &str = "dev.paddock.source.digest";
 /// Env var KubeVirt/CDI read as the image's default instancetype (verified in kubevirt sources).
 pub const ENV_DEFAULT_INSTANCETYPE: &str = "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE";
@@ -99,6 +113,14 @@ pub enum Error {
         tag: String,
         /// Why it was rejected.
         reason: &'static str,
+    },
+    /// A platform is not usable for a containerDisk.
+    #[error("invalid platform {platform:?}: {reason}")]
+    InvalidPlatform {
+        /// The rejected platform text.
+        platform: String,
+        /// Why it was rejected.
+        reason: String,
     },
     /// Encoding image metadata failed.
     #[error("cannot encode image metadata as json: {0}; this is a bug in paddock, please report it")]

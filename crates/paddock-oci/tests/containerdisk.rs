@@ -9,7 +9,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use paddock_oci::{BuiltImage, Compression, ImageOptions, NoProgress, build_layout, write_archive};
+use paddock_oci::{
+    BuiltImage, Compression, ImageOptions, NoProgress, Platform, PlatformDisk, build_index_layout,
+    build_layout, write_archive,
+};
 use sha2::{Digest, Sha256};
 
 const ALL: [Compression; 3] = [Compression::None, Compression::Gzip, Compression::Zstd];
@@ -119,7 +122,7 @@ fn check_layer(img: &BuiltImage, c: Compression, disk: &Path) {
     assert_eq!(seen, ["disk/", "disk/disk.img"]);
 
     let config: serde_json::Value = serde_json::from_slice(&blob(img, &img.config.digest)).unwrap();
-    assert_eq!(config["architecture"], "amd64");
+    assert_eq!(config["architecture"], img.platform.architecture.as_str());
     assert_eq!(config["os"], "linux");
     assert_eq!(config["rootfs"]["diff_ids"][0], img.diff_id.as_str());
     assert_eq!(
@@ -137,6 +140,9 @@ fn check_layer(img: &BuiltImage, c: Compression, disk: &Path) {
 
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(img.layout.join("index.json")).unwrap()).unwrap();
+    if index["manifests"][0]["mediaType"] == "application/vnd.oci.image.index.v1+json" {
+        return; // part of a multi-platform image; the caller checks the index
+    }
     assert_eq!(index["manifests"][0]["digest"], img.manifest.digest.as_str());
     assert_eq!(
         index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
@@ -312,4 +318,132 @@ fn refuses_existing_destination_and_bad_input() {
     )
     .unwrap_err();
     assert!(err.to_string().starts_with("invalid tag"), "{err}");
+}
+
+#[test]
+fn multi_platform_index_with_full_reference() {
+    let work = tempfile::tempdir().unwrap();
+    let amd64_disk = raw(work.path());
+    let arm64_disk = qcow2(work.path());
+    let reference = "registry.example:5000/vms/tiny:1.0";
+    let options = ImageOptions {
+        tag: "1.0".into(),
+        reference: Some(reference.into()),
+        ..opts(Compression::Zstd)
+    };
+    let disks = [
+        PlatformDisk {
+            disk: amd64_disk.clone(),
+            platform: Platform::parse("linux/amd64").unwrap(),
+        },
+        PlatformDisk {
+            disk: arm64_disk.clone(),
+            platform: Platform::parse("linux/arm64/v8").unwrap(),
+        },
+    ];
+    let built = build_index_layout(&disks, &work.path().join("multi"), &options, &mut NoProgress).unwrap();
+    let again = build_index_layout(
+        &disks,
+        &work.path().join("multi-again"),
+        &options,
+        &mut NoProgress,
+    )
+    .unwrap();
+    assert_eq!(built.index.digest, again.index.digest, "deterministic index");
+
+    // index.json names the image index by the full reference, the way Zarf and containerd read it.
+    let top: serde_json::Value =
+        serde_json::from_slice(&fs::read(built.layout.join("index.json")).unwrap()).unwrap();
+    let entry = &top["manifests"][0];
+    assert_eq!(entry["mediaType"], "application/vnd.oci.image.index.v1+json");
+    assert_eq!(
+        entry["annotations"]["org.opencontainers.image.ref.name"],
+        reference
+    );
+    assert_eq!(entry["annotations"]["io.containerd.image.name"], reference);
+
+    let index: serde_json::Value = serde_json::from_slice(
+        &fs::read(built.layout.join("blobs/sha256").join(&built.index.digest[7..])).unwrap(),
+    )
+    .unwrap();
+    let platforms: Vec<String> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let p = &m["platform"];
+            format!("{}/{}/{}", p["os"], p["architecture"], p["variant"]).replace('"', "")
+        })
+        .collect();
+    assert_eq!(platforms, ["linux/amd64/null", "linux/arm64/v8"]);
+    for (image, disk) in built.images.iter().zip([&amd64_disk, &arm64_disk]) {
+        check_layer(image, Compression::Zstd, disk);
+        let config: serde_json::Value = serde_json::from_slice(
+            &fs::read(built.layout.join("blobs/sha256").join(&image.config.digest[7..])).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["architecture"], image.platform.architecture.as_str());
+    }
+
+    if skopeo_available() {
+        // skopeo resolves the index to the platform asked for.
+        for (arch, image) in [("amd64", &built.images[0]), ("arm64", &built.images[1])] {
+            let inspect: serde_json::Value = serde_json::from_str(&skopeo(
+                work.path(),
+                &[
+                    "--override-arch",
+                    arch,
+                    "inspect",
+                    &format!("oci:{}:{reference}", built.layout.display()),
+                ],
+            ))
+            .unwrap();
+            // Digest is the tag's (the index's); the layers are the chosen platform's.
+            assert_eq!(inspect["Digest"], built.index.digest.as_str(), "{arch}");
+            assert_eq!(
+                inspect["Layers"],
+                serde_json::json!([image.layer.digest]),
+                "{arch}"
+            );
+            assert_eq!(inspect["Architecture"], arch);
+        }
+    }
+}
+
+#[test]
+fn platform_parsing_refuses_what_kubevirt_cannot_run() {
+    assert_eq!(
+        Platform::parse("linux/arm64/v8").unwrap().to_string(),
+        "linux/arm64/v8"
+    );
+    for (text, expected) in [
+        ("windows/amd64", "always linux"),
+        ("linux/riscv64", "KubeVirt runs VMs on"),
+        ("amd64", "expected os/architecture"),
+        ("linux/arm64/", "variant"),
+    ] {
+        let error = Platform::parse(text).unwrap_err().to_string();
+        assert!(error.contains(expected), "{text}: {error}");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let disk = raw(work.path());
+    let twice = [
+        PlatformDisk {
+            disk: disk.clone(),
+            platform: Platform::default(),
+        },
+        PlatformDisk {
+            disk,
+            platform: Platform::default(),
+        },
+    ];
+    let error = build_index_layout(
+        &twice,
+        &work.path().join("x"),
+        &opts(Compression::None),
+        &mut NoProgress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("given twice"), "{error}");
 }

@@ -41,6 +41,20 @@ enum Command {
     ///
     /// Example: `paddock render -f examples/debian.yaml --zarf-registry 127.0.0.1:31999`
     Render(RenderArgs),
+    /// Turn a VM disk into a containerDisk image (OCI layout, archive, registry) and a
+    /// VirtualMachineApp, optionally as a Zarf package directory.
+    ///
+    /// Example: `paddock package debian-12.qcow2 --image registry.example.com/vms/debian:12 --zarf ./debian-zarf`
+    Package(Box<crate::package::PackageArgs>),
+    /// Push an OCI image layout to a registry (blobs the registry has are skipped; an interrupted
+    /// push resumes).
+    ///
+    /// Example: `paddock push debian.oci registry.example.com/vms/debian:12`
+    Push(crate::registry_flags::PushArgs),
+    /// Pull a containerDisk image from a registry and write its VM disk (digests verified).
+    ///
+    /// Example: `paddock pull registry.example.com/vms/debian:12 -o debian.qcow2`
+    Pull(crate::registry_flags::PullArgs),
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +83,9 @@ pub fn run() -> std::process::ExitCode {
         Command::Crd => print_crds(),
         Command::Validate { file } => validate_manifest(&file),
         Command::Render(arguments) => render(&arguments),
+        Command::Package(arguments) => crate::package::run(&arguments),
+        Command::Push(arguments) => crate::registry_flags::run_push(&arguments),
+        Command::Pull(arguments) => crate::registry_flags::run_pull(&arguments),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,10 @@
 //! The `paddock` command line. `main` only parses arguments and hands over to [`cli`].
 
 mod cli;
+mod disk_input;
+mod package;
+mod progress;
+mod registry_flags;
 
 fn main() -> std::process::ExitCode {
     cli::run()
