@@ -92,14 +92,6 @@ pub enum RuntimeError {
         /// What is wrong and what to do.
         reason: String,
     },
-    /// Registry references are not pulled by the local runtime yet.
-    #[error(
-        "cannot use the image {reference:?}: registry pull not wired yet; use oci:<layout directory>[:tag] or file:<disk file> for now"
-    )]
-    RegistryNotWired {
-        /// The registry reference.
-        reference: String,
-    },
     /// The runtime cannot do this (yet).
     #[error("{message}")]
     Unsupported {
@@ -197,9 +189,7 @@ impl RuntimeError {
                 ErrorKind::InvalidTransition
             }
             RuntimeError::InvalidSpec { .. } | RuntimeError::Image { .. } => ErrorKind::InvalidSpec,
-            RuntimeError::Unsupported { .. } | RuntimeError::RegistryNotWired { .. } => {
-                ErrorKind::Unsupported
-            }
+            RuntimeError::Unsupported { .. } => ErrorKind::Unsupported,
             RuntimeError::StateLocked { .. }
             | RuntimeError::MissingProgram { .. }
             | RuntimeError::Tool { .. }

@@ -6,9 +6,10 @@
 //! Contract:
 //! - `containerDisk` values: `file:<path>` (a qcow2 or raw disk file), `oci:<layout directory>`
 //!   or `oci:<layout directory>:<tag>` (an OCI image layout holding a containerDisk, as
-//!   `paddock package` writes it), anything else is a registry reference, which this runtime
-//!   cannot pull yet ([`RuntimeError::RegistryNotWired`]). Relative paths are taken from the
-//!   current directory.
+//!   `paddock package` writes it), anything else is a registry reference, pulled with
+//!   `paddock_oci::registry::pull` (digests verified; credentials from the docker config; plain
+//!   http only for loopback registries, as docker does) into a temporary layout and imported from
+//!   there. Relative paths are taken from the current directory.
 //! - The store keeps each base once, named by the sha256 of the disk's content
 //!   (`images/sha256/<hex>`, mode 0444), whatever it came from; an OCI layer already unpacked is
 //!   remembered by its digest (`images/layers/sha256/<hex>` holds the disk digest) and not read
@@ -21,6 +22,7 @@ use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
+use paddock_oci::registry::{NoTransferProgress, PullOptions, RegistryOptions, pull};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -91,6 +93,19 @@ impl ImageSource {
     }
 }
 
+/// Whether a registry host is on this machine, where docker, skopeo and paddock speak plain http.
+pub(crate) fn is_loopback_registry(registry: &str) -> bool {
+    let host = match registry.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|character| character.is_ascii_digit()) => host,
+        _ => registry,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
+}
+
 fn absolute(path: &str) -> Result<PathBuf> {
     std::path::absolute(path).map_err(|source| RuntimeError::io("resolve", path, source))
 }
@@ -132,8 +147,20 @@ impl ImageStore {
         text: &str,
         qemu_img: &Path,
     ) -> Result<StoredImage> {
+        // A registry image is pulled into a layout in the store's directory first (async), then
+        // imported like any local layout; the layout is removed afterwards.
+        let pulled = match source {
+            ImageSource::Registry(reference) => Some(self.pull(reference).await?),
+            _ => None,
+        };
+        let source = match &pulled {
+            Some(layout) => ImageSource::OciLayout {
+                path: layout.path().join("layout"),
+                tag: None,
+            },
+            None => source.clone(),
+        };
         let store = self.clone();
-        let source = source.clone();
         let text = text.to_string();
         let (digest, path) = tokio::task::spawn_blocking(move || store.import_blocking(&source, &text))
             .await
@@ -167,6 +194,39 @@ impl ImageStore {
         })
     }
 
+    /// Pulls `reference` (linux/amd64) into `<store>/pulls/<temporary>/layout`.
+    async fn pull(&self, reference: &str) -> Result<tempfile::TempDir> {
+        let failed = |reason: String| RuntimeError::Image {
+            source_text: reference.to_string(),
+            reason,
+        };
+        let parsed = paddock_api::image_reference::ImageReference::parse(reference)
+            .map_err(|error| failed(error.to_string()))?;
+        let pulls = self.root.join("pulls");
+        create_private_dir(&pulls)?;
+        let directory = tempfile::Builder::new()
+            .prefix(".pull-")
+            .tempdir_in(&pulls)
+            .map_err(|source| RuntimeError::io("create", &pulls, source))?;
+        let options = PullOptions {
+            registry: RegistryOptions {
+                insecure: is_loopback_registry(&parsed.registry),
+                ..RegistryOptions::default()
+            },
+            ..PullOptions::default()
+        };
+        tracing::info!(%reference, "pulling the containerDisk image");
+        pull(
+            reference,
+            &directory.path().join("layout"),
+            &options,
+            &NoTransferProgress,
+        )
+        .await
+        .map_err(|error| failed(format!("cannot pull it: {error}")))?;
+        Ok(directory)
+    }
+
     fn import_blocking(&self, source: &ImageSource, text: &str) -> Result<(String, PathBuf)> {
         create_private_dir(&self.images_dir())?;
         match source {
@@ -184,8 +244,10 @@ impl ImageStore {
                 self.store_stream(BufReader::new(file), path)
             }
             ImageSource::OciLayout { path, tag } => self.import_layout(path, tag.as_deref(), text),
-            ImageSource::Registry(reference) => Err(RuntimeError::RegistryNotWired {
-                reference: reference.clone(),
+            // `import` pulls registry images into a layout before it gets here.
+            ImageSource::Registry(reference) => Err(RuntimeError::Image {
+                source_text: text.to_string(),
+                reason: format!("internal error: {reference} reached the blocking import unpulled"),
             }),
         }
     }
@@ -645,6 +707,27 @@ mod tests {
         assert!(ImageSource::parse("file:").is_err());
         let relative = ImageSource::parse("file:disk.img").unwrap();
         assert!(matches!(relative, ImageSource::File(path) if path.is_absolute()));
+    }
+
+    #[test]
+    fn loopback_registries_speak_plain_http() {
+        for host in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "[::1]:5000",
+            "127.3.4.5",
+        ] {
+            assert!(is_loopback_registry(host), "{host}");
+        }
+        for host in [
+            "registry.example.com",
+            "10.0.0.1:5000",
+            "docker.io",
+            "localhost.example.com",
+        ] {
+            assert!(!is_loopback_registry(host), "{host}");
+        }
     }
 
     #[test]

@@ -19,7 +19,10 @@ use paddock_local::{
     AcceleratorChoice, ErrorKind, ExitKind, Runtime, RuntimeError, RuntimeOptions, StopOutcome, VmId,
     VmPhase, VmStatus,
 };
+use paddock_oci::registry::{NoTransferProgress, PushOptions, RegistryOptions};
+use paddock_oci::{ImageOptions, NoProgress};
 use paddock_tests::qemu::{Accelerator, Qemu, ScratchDirectory};
+use paddock_tests::registry::{RegistryAuth, require_registry};
 use paddock_tests::testdisk::{self, READY_BANNER, SHUTTING_DOWN_PREFIX};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -398,19 +401,53 @@ async fn create_writes_seed_firmware_and_record_and_refuses_bad_requests() {
         kind(runtime.create(app("second", &image, "Manual", json!({}))).await),
         ErrorKind::AlreadyExists
     );
-    let registry = runtime
-        .create(app(
-            "pulled",
-            "registry.example.com/vms/debian:12",
-            "Manual",
-            json!({}),
-        ))
+    // A registry reference is pulled (a real docker-registry on loopback, plain http as docker
+    // does for loopback) and lands in the store as the very same base image.
+    if let Some(registry) = require_registry("runtime-create", RegistryAuth::None).unwrap() {
+        let layout = scratch.path().join("pushed.oci");
+        paddock_oci::build_layout(&disk, &layout, &ImageOptions::default(), &mut NoProgress).unwrap();
+        let reference = format!("{}/vms/tiny:1.0", registry.address());
+        paddock_oci::registry::push(
+            &layout,
+            &reference,
+            &PushOptions {
+                registry: RegistryOptions {
+                    insecure: true,
+                    ..RegistryOptions::default()
+                },
+                ..PushOptions::default()
+            },
+            &NoTransferProgress,
+        )
+        .await
+        .unwrap();
+        let pulled = runtime
+            .create(app("pulled", &reference, "Manual", json!({})))
+            .await
+            .unwrap();
+        assert_eq!(pulled.base_image_digest, created.base_image_digest);
+        assert_eq!(
+            std::fs::read_dir(state_dir.join("images/sha256"))
+                .unwrap()
+                .count(),
+            1
+        );
+        // The temporary pull layout is gone.
+        assert_eq!(
+            std::fs::read_dir(state_dir.join("images/pulls")).unwrap().count(),
+            0
+        );
+        runtime.delete(&id("pulled"), false).await.unwrap();
+    }
+    let unreachable = runtime
+        .create(app("unreachable", "127.0.0.1:9/vms/none:1", "Manual", json!({})))
         .await
         .unwrap_err();
     assert!(
-        registry.to_string().contains("registry pull not wired yet"),
-        "{registry}"
+        unreachable.to_string().contains("cannot pull it"),
+        "{unreachable}"
     );
+    assert_eq!(unreachable.kind(), ErrorKind::InvalidSpec);
     assert_eq!(
         kind(
             runtime

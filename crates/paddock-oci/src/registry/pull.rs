@@ -343,14 +343,16 @@ pub async fn pull(
     for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
         unique.insert(&blob.digest, blob);
     }
-    let sizes: Vec<u64> = futures_util::stream::iter(
-        unique
-            .values()
-            .map(|blob| download(&client, blob, &blobs, progress)),
-    )
-    .buffer_unordered(options.parallel_downloads.max(1))
-    .try_collect()
-    .await?;
+    // Collected first so the stream holds futures, not a closure: a closure over borrowed
+    // descriptors makes the pull future's Send bound higher-ranked, which callers cannot prove.
+    let downloads: Vec<_> = unique
+        .values()
+        .map(|blob| download(&client, blob, &blobs, progress))
+        .collect();
+    let sizes: Vec<u64> = futures_util::stream::iter(downloads)
+        .buffer_unordered(options.parallel_downloads.max(1))
+        .try_collect()
+        .await?;
 
     let manifest_hex =
         digest_hex(&manifest_descriptor.digest).ok_or_else(|| RegistryError::InvalidDigest {

@@ -595,11 +595,15 @@ pub async fn push(
     client.ping().await?;
     let parallel = options.parallel_uploads.max(1);
 
-    let present: Vec<Result<bool>> =
-        futures_util::stream::iter(plan.blobs.iter().map(|blob| client.blob_exists(&blob.digest)))
-            .buffered(parallel)
-            .collect()
-            .await;
+    let present: Vec<Result<bool>> = futures_util::stream::iter(
+        plan.blobs
+            .iter()
+            .map(|blob| client.blob_exists(&blob.digest))
+            .collect::<Vec<_>>(),
+    )
+    .buffered(parallel)
+    .collect()
+    .await;
     let context = UploadContext {
         client: &client,
         layout,
@@ -633,11 +637,15 @@ pub async fn push(
 
     // Every upload runs to its own end (a cancelled one stops at a chunk boundary), so that one
     // failure does not throw away the others' progress; the first real error wins.
-    let outcomes: Vec<Result<Uploaded>> =
-        futures_util::stream::iter(missing.into_iter().map(|blob| context.upload(blob)))
-            .buffer_unordered(parallel)
-            .collect()
-            .await;
+    let outcomes: Vec<Result<Uploaded>> = futures_util::stream::iter(
+        missing
+            .into_iter()
+            .map(|blob| context.upload(blob))
+            .collect::<Vec<_>>(),
+    )
+    .buffer_unordered(parallel)
+    .collect()
+    .await;
     let mut first_error = None;
     for outcome in outcomes {
         match outcome {
