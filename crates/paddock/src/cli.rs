@@ -55,6 +55,20 @@ enum Command {
     ///
     /// Example: `paddock pull registry.example.com/vms/debian:12 -o debian.qcow2`
     Pull(crate::registry_flags::PullArgs),
+    /// Serve the REST API, consoles and events for VMs on this machine (QEMU/KVM), on 127.0.0.1
+    /// with an access token printed at start. Ctrl-C stops it; VMs keep running.
+    ///
+    /// Example: `paddock serve --listen 127.0.0.1:8642`
+    Serve(crate::serve::ServeArgs),
+    /// Manage VMs through `paddock serve`: create, list, get, power, delete, consoles, screenshots.
+    ///
+    /// Example: `paddock vm create -f examples/debian.yaml && paddock vm console debian`
+    Vm(crate::vm::VmArgs),
+    /// Manage VM snapshots through `paddock serve`: create (optionally with memory), list,
+    /// restore, delete.
+    ///
+    /// Example: `paddock snapshot create debian before-upgrade --memory`
+    Snapshot(crate::vm::SnapshotArgs),
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +100,9 @@ pub fn run() -> std::process::ExitCode {
         Command::Package(arguments) => crate::package::run(&arguments),
         Command::Push(arguments) => crate::registry_flags::run_push(&arguments),
         Command::Pull(arguments) => crate::registry_flags::run_pull(&arguments),
+        Command::Serve(arguments) => crate::serve::run(&arguments),
+        Command::Vm(arguments) => crate::vm::run_vm(&arguments),
+        Command::Snapshot(arguments) => crate::vm::run_snapshot(&arguments),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

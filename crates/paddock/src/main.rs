@@ -5,6 +5,8 @@ mod disk_input;
 mod package;
 mod progress;
 mod registry_flags;
+mod serve;
+mod vm;
 
 fn main() -> std::process::ExitCode {
     cli::run()

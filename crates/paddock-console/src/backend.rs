@@ -1,0 +1,345 @@
+//! The one seam between the API and whatever runs the VMs.
+//!
+//! Role: [`Backend`] is everything the REST API, the websocket gateway and the event stream need
+//! from a VM platform. [`crate::local::LocalBackend`] implements it over the local QEMU runtime;
+//! a KubeVirt backend (VirtualMachines, their subresources and VirtualMachineSnapshots) will
+//! implement the same trait, so the API, its document and the CLI do not change.
+//!
+//! Contract:
+//! - The trait is object safe (`Arc<dyn Backend>`): methods return boxed futures and streams, so
+//!   one binary can pick its backend at run time.
+//! - Everything crossing the seam is a backend-neutral view ([`VmView`], [`SnapshotView`],
+//!   [`EventView`]) with KubeVirt's vocabulary (printable status names, run strategies), and every
+//!   failure is a [`BackendError`] whose [`ErrorKind`] decides the HTTP status.
+//! - Consoles are byte channels ([`ConsoleChannel`]): raw bytes both ways, no framing, exactly
+//!   what KubeVirt's `console` and `vnc` subresources carry. The channel ends when the console
+//!   does (the VM stopped); dropping the sender ends the session on the backend side.
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use paddock_api::app::VirtualMachineApp;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// What kind of failure a [`BackendError`] is; decides the HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The VM, snapshot or route does not exist (404).
+    NotFound,
+    /// Something with that name already exists (409).
+    AlreadyExists,
+    /// The operation is not possible in the VM's current state (409).
+    InvalidTransition,
+    /// The manifest or a parameter is well-formed but invalid (422).
+    InvalidSpec,
+    /// The request is valid but this backend cannot do it (422).
+    Unsupported,
+    /// The request itself is malformed: unparsable body, wrong parameters (400).
+    BadRequest,
+    /// A failure on the server's side (500).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status code for this kind.
+    pub fn status_code(self) -> u16 {
+        match self {
+            ErrorKind::NotFound => 404,
+            ErrorKind::AlreadyExists | ErrorKind::InvalidTransition => 409,
+            ErrorKind::InvalidSpec | ErrorKind::Unsupported => 422,
+            ErrorKind::BadRequest => 400,
+            ErrorKind::Internal => 500,
+        }
+    }
+
+    /// The name used as `reason` in error bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "NotFound",
+            ErrorKind::AlreadyExists => "AlreadyExists",
+            ErrorKind::InvalidTransition => "InvalidTransition",
+            ErrorKind::InvalidSpec => "InvalidSpec",
+            ErrorKind::Unsupported => "Unsupported",
+            ErrorKind::BadRequest => "BadRequest",
+            ErrorKind::Internal => "Internal",
+        }
+    }
+}
+
+/// A failed backend operation: its kind and a message for people (what failed, why, what to do).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    /// What kind of failure it is.
+    pub kind: ErrorKind,
+    /// What failed, why, and what to do.
+    pub message: String,
+}
+
+impl BackendError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> BackendError {
+        BackendError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Result alias for backend operations.
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// A VM by namespace and name, as in a request path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VmRef {
+    /// The namespace.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl std::fmt::Display for VmRef {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmView {
+    /// The namespace.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+    /// `spec.displayName`, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// The run strategy in force (start and stop change it, as in KubeVirt).
+    pub run_strategy: String,
+    /// When the VM was created (RFC 3339, UTC).
+    pub created_at: String,
+    /// Which consoles the VM has.
+    pub console: ConsoleView,
+    /// The observed state.
+    pub status: VmStatusView,
+    /// Snapshots, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotView>,
+    /// The VirtualMachineApp as the backend holds it.
+    pub manifest: serde_json::Value,
+}
+
+/// Which consoles a VM has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleView {
+    /// A serial console (the `console` websocket).
+    pub serial: bool,
+    /// A screen (the `vnc` websocket and screenshots).
+    pub vnc: bool,
+}
+
+/// The observed state of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatusView {
+    /// KubeVirt's printable status: Stopped, Starting, Running, Paused, Stopping,
+    /// CrashLoopBackOff, Failed.
+    pub phase: String,
+    /// The hypervisor process id, where the backend has one (local only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The accelerator (`kvm`, `tcg`), where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
+    /// When the current run started (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// How often the platform restarted the VM by itself.
+    #[serde(default)]
+    pub restart_count: u32,
+    /// How the last run ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<LastExitView>,
+    /// Why the VM is in this phase, when there is something to say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Things the user should know (e.g. software emulation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// How a VM's last run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastExitView {
+    /// GuestShutdown, Stopped, Crashed, Killed or StartFailed.
+    pub kind: String,
+    /// When it was noticed (RFC 3339, UTC).
+    pub at: String,
+    /// Details.
+    pub message: String,
+}
+
+/// One snapshot of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotView {
+    /// The snapshot's name.
+    pub name: String,
+    /// When it was taken (RFC 3339, UTC).
+    pub created_at: String,
+    /// Whether it holds memory and device state (restoring resumes the running guest) or only
+    /// the disk.
+    pub memory: bool,
+    /// The VM's phase when it was taken.
+    pub taken_in_phase: String,
+}
+
+/// A request to take a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot's name: 1 to 64 letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    /// Include memory and device state (the VM must be running or paused).
+    #[serde(default)]
+    pub memory: bool,
+}
+
+/// A change, as the event stream carries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum EventView {
+    /// A VM was created or its status changed.
+    Changed {
+        /// The namespace.
+        namespace: String,
+        /// The name.
+        name: String,
+        /// Its new status.
+        status: VmStatusView,
+    },
+    /// A VM's snapshots changed.
+    SnapshotsChanged {
+        /// The namespace.
+        namespace: String,
+        /// The name.
+        name: String,
+        /// Its snapshots now.
+        snapshots: Vec<SnapshotView>,
+    },
+    /// A VM was deleted.
+    Deleted {
+        /// The namespace.
+        namespace: String,
+        /// The name.
+        name: String,
+    },
+    /// The subscriber fell behind and missed events; list again to resynchronise.
+    Lagged {
+        /// How many events were missed.
+        missed: u64,
+    },
+}
+
+/// A power action (KubeVirt's `start`, `stop`, `restart`, `pause`, `unpause` subresources, plus
+/// `forcestop`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerAction {
+    /// Start a stopped VM.
+    Start,
+    /// Stop gracefully (ACPI power button), forced after the grace period.
+    Stop {
+        /// How long the guest may take; the backend's default when `None`.
+        grace_period: Option<std::time::Duration>,
+    },
+    /// Switch off at once.
+    ForceStop,
+    /// Stop gracefully and start again.
+    Restart {
+        /// How long the guest may take to stop; the backend's default when `None`.
+        grace_period: Option<std::time::Duration>,
+    },
+    /// Pause the CPUs.
+    Pause,
+    /// Resume paused CPUs.
+    Unpause,
+}
+
+/// Which console a byte channel is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleKind {
+    /// The first serial port.
+    Serial,
+    /// The VNC server of the VM's screen.
+    Vnc,
+}
+
+impl ConsoleKind {
+    /// `serial` or `vnc`, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleKind::Serial => "serial",
+            ConsoleKind::Vnc => "vnc",
+        }
+    }
+}
+
+/// An open console: raw bytes from and to the VM.
+#[derive(Debug)]
+pub struct ConsoleChannel {
+    /// Bytes from the VM; `None` from `recv` when the console closed.
+    pub from_vm: mpsc::Receiver<Bytes>,
+    /// Bytes to the VM; drop it to end the session.
+    pub to_vm: mpsc::Sender<Bytes>,
+}
+
+/// One readiness check: what was checked and whether it passed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// What was checked, e.g. `state-dir-writable`.
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// Details, in particular why it failed.
+    pub message: String,
+}
+
+/// Everything the API needs from a VM platform. See the module documentation.
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for the backend, e.g. `local`.
+    fn kind(&self) -> &'static str;
+    /// Readiness checks (for `/readyz`).
+    fn readiness(&self) -> BoxFuture<'_, Vec<HealthCheck>>;
+    /// Every VM, optionally of one namespace, ordered by namespace and name.
+    fn list(&self, namespace: Option<String>) -> BoxFuture<'_, BackendResult<Vec<VmView>>>;
+    /// One VM.
+    fn get(&self, vm: VmRef) -> BoxFuture<'_, BackendResult<VmView>>;
+    /// Creates a VM from a manifest (and starts it when its run strategy says so).
+    fn create(&self, app: VirtualMachineApp) -> BoxFuture<'_, BackendResult<VmView>>;
+    /// Deletes a VM; with snapshots only when `force`.
+    fn delete(&self, vm: VmRef, force: bool) -> BoxFuture<'_, BackendResult<()>>;
+    /// Applies a power action and returns the VM afterwards.
+    fn power(&self, vm: VmRef, action: PowerAction) -> BoxFuture<'_, BackendResult<VmView>>;
+    /// The VM's snapshots, oldest first.
+    fn snapshot_list(&self, vm: VmRef) -> BoxFuture<'_, BackendResult<Vec<SnapshotView>>>;
+    /// Takes a snapshot.
+    fn snapshot_create(
+        &self,
+        vm: VmRef,
+        request: SnapshotRequest,
+    ) -> BoxFuture<'_, BackendResult<SnapshotView>>;
+    /// Restores a snapshot and returns the VM afterwards.
+    fn snapshot_restore(&self, vm: VmRef, snapshot: String) -> BoxFuture<'_, BackendResult<VmView>>;
+    /// Deletes a snapshot.
+    fn snapshot_delete(&self, vm: VmRef, snapshot: String) -> BoxFuture<'_, BackendResult<()>>;
+    /// A PNG of the VM's screen.
+    fn screenshot(&self, vm: VmRef) -> BoxFuture<'_, BackendResult<Vec<u8>>>;
+    /// Opens a console. Fails (before any byte flows) when the VM has no such console or is not
+    /// running.
+    fn open_console(&self, vm: VmRef, kind: ConsoleKind) -> BoxFuture<'_, BackendResult<ConsoleChannel>>;
+    /// Every change from now on.
+    fn events(&self) -> BoxStream<'static, EventView>;
+}

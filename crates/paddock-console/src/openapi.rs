@@ -1,0 +1,434 @@
+//! The OpenAPI 3 document of the API, served at `/openapi.json`.
+//!
+//! Role: the contract for clients (the CLI, the web UI, scripts). Written by hand, next to the
+//! routes, so it reads like documentation; a test checks that it describes exactly the routes the
+//! router serves (`crate::api::served_routes`) and that every documented route answers.
+
+use serde_json::{Map, Value, json};
+
+/// The OpenAPI document.
+pub fn document() -> Value {
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "paddock API",
+            "version": "v1",
+            "description": "Virtual machines from VirtualMachineApp manifests: create, list, power, snapshots, screenshots, serial and VNC consoles (websockets speaking KubeVirt's plain.kubevirt.io protocol) and a stream of changes. Every route except /healthz and /readyz needs the access token `paddock serve` printed at start, as `Authorization: Bearer <token>` or the `token` query parameter. Errors are JSON {code, reason, message}.",
+            "license": {"name": "Apache-2.0"},
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearerToken": []}, {"queryToken": []}],
+        "tags": [
+            {"name": "vms", "description": "Virtual machines and their power"},
+            {"name": "snapshots", "description": "Snapshots of a VM's disk, optionally with memory"},
+            {"name": "consoles", "description": "Screenshots, serial and VNC consoles"},
+            {"name": "server", "description": "Health, metrics and this document"},
+        ],
+        "components": {
+            "securitySchemes": {
+                "bearerToken": {"type": "http", "scheme": "bearer", "description": "The token `paddock serve` printed at start (also in <state>/serve.json)."},
+                "queryToken": {"type": "apiKey", "in": "query", "name": "token", "description": "The same token as a query parameter, for websockets and links (browsers cannot set headers on websockets)."},
+            },
+            "parameters": parameters(),
+            "responses": responses(),
+            "schemas": schemas(),
+        },
+        "paths": paths(),
+    })
+}
+
+fn paths() -> Value {
+    let mut paths = Map::new();
+    let mut add = |path: &str, method: &str, operation: Value| {
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        if let Some(object) = entry.as_object_mut() {
+            object.insert(method.to_string(), operation);
+        }
+    };
+    let vm_params = || vec![parameter_ref("namespace"), parameter_ref("name")];
+    let snapshot_params = || {
+        vec![
+            parameter_ref("namespace"),
+            parameter_ref("name"),
+            parameter_ref("snapshot"),
+        ]
+    };
+
+    add(
+        "/healthz",
+        "get",
+        json!({
+            "tags": ["server"], "operationId": "healthz", "summary": "Liveness: the server answers",
+            "security": [],
+            "responses": {"200": json_response("The server is alive", json!({"type": "object", "properties": {"status": {"type": "string", "example": "ok"}}}))},
+        }),
+    );
+    add(
+        "/readyz",
+        "get",
+        json!({
+            "tags": ["server"], "operationId": "readyz", "summary": "Readiness: the backend is usable (runtime open, state directory writable)",
+            "security": [],
+            "responses": {
+                "200": json_response("Ready", schema_ref("Readiness")),
+                "503": json_response("Not ready (a check failed, or the server is shutting down)", schema_ref("Readiness")),
+            },
+        }),
+    );
+    add(
+        "/",
+        "get",
+        json!({
+            "tags": ["server"], "operationId": "index", "summary": "Where things are: API prefix, this document, events, metrics",
+            "responses": {"200": json_response("Links", json!({"type": "object"})), "401": response_ref("Unauthorized")},
+        }),
+    );
+    add(
+        "/openapi.json",
+        "get",
+        json!({
+            "tags": ["server"], "operationId": "openapi", "summary": "This document",
+            "responses": {"200": json_response("The OpenAPI 3 document", json!({"type": "object"})), "401": response_ref("Unauthorized")},
+        }),
+    );
+    add(
+        "/metrics",
+        "get",
+        json!({
+            "tags": ["server"], "operationId": "metrics", "summary": "Prometheus metrics (OpenMetrics text)",
+            "description": "paddock_http_requests_total{method,route,status}, paddock_websocket_sessions_total{console}, paddock_websocket_sessions_active{console}.",
+            "responses": {
+                "200": {"description": "Metrics", "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}},
+                "401": response_ref("Unauthorized"),
+            },
+        }),
+    );
+    add(
+        "/api/v1/vms",
+        "get",
+        json!({
+            "tags": ["vms"], "operationId": "listVms", "summary": "List VMs with their status",
+            "parameters": [{"name": "namespace", "in": "query", "required": false, "schema": {"type": "string"}, "description": "Only VMs of this namespace."}],
+            "responses": {"200": json_response("The VMs, ordered by namespace and name", list_of("Vm")), "401": response_ref("Unauthorized")},
+        }),
+    );
+    add(
+        "/api/v1/vms",
+        "post",
+        json!({
+            "tags": ["vms"], "operationId": "createVm", "summary": "Create a VM from a VirtualMachineApp manifest",
+            "description": "The body is a VirtualMachineApp (paddock.dev/v1alpha1) as YAML (application/yaml, the default) or JSON (application/json). The VM starts when its runStrategy says so (Always, the default, RerunOnFailure, Once). Locally, spec.image.containerDisk also takes file:<disk> and oci:<layout>[:tag].",
+            "requestBody": {
+                "required": true,
+                "content": {
+                    "application/yaml": {"schema": schema_ref("VirtualMachineApp")},
+                    "application/json": {"schema": schema_ref("VirtualMachineApp")},
+                },
+            },
+            "responses": {
+                "201": json_response("Created", schema_ref("Vm")),
+                "400": response_ref("BadRequest"),
+                "401": response_ref("Unauthorized"),
+                "409": response_ref("Conflict"),
+                "415": response_ref("UnsupportedMediaType"),
+                "422": response_ref("Unprocessable"),
+                "500": response_ref("Internal"),
+            },
+        }),
+    );
+    add(
+        "/api/v1/vms/{namespace}/{name}",
+        "get",
+        json!({
+            "tags": ["vms"], "operationId": "getVm", "summary": "One VM", "parameters": vm_params(),
+            "responses": {"200": json_response("The VM", schema_ref("Vm")), "401": response_ref("Unauthorized"), "404": response_ref("NotFound")},
+        }),
+    );
+    add(
+        "/api/v1/vms/{namespace}/{name}",
+        "delete",
+        json!({
+            "tags": ["vms"], "operationId": "deleteVm", "summary": "Delete a VM (switching it off first)",
+            "parameters": [parameter_ref("namespace"), parameter_ref("name"), {"name": "force", "in": "query", "required": false, "schema": {"type": "boolean", "default": false}, "description": "Delete even when the VM has snapshots (they are deleted with it)."}],
+            "responses": {"204": {"description": "Deleted"}, "401": response_ref("Unauthorized"), "404": response_ref("NotFound"), "409": response_ref("Conflict"), "500": response_ref("Internal")},
+        }),
+    );
+    let power = [
+        (
+            "start",
+            "startVm",
+            "Start a stopped VM (KubeVirt `start`; runStrategy Halted becomes Always)",
+            false,
+        ),
+        (
+            "stop",
+            "stopVm",
+            "Stop gracefully: ACPI power button, forced after the grace period (KubeVirt `stop`; Always becomes Halted)",
+            true,
+        ),
+        (
+            "forcestop",
+            "forceStopVm",
+            "Switch the VM off at once (Always becomes Halted)",
+            false,
+        ),
+        (
+            "restart",
+            "restartVm",
+            "Stop gracefully and start again (KubeVirt `restart`)",
+            true,
+        ),
+        ("pause", "pauseVm", "Pause the CPUs (KubeVirt `pause`)", false),
+        (
+            "unpause",
+            "unpauseVm",
+            "Resume paused CPUs (KubeVirt `unpause`)",
+            false,
+        ),
+    ];
+    for (action, operation_id, summary, graceful) in power {
+        let mut parameters = vm_params();
+        if graceful {
+            parameters.push(json!({"name": "gracePeriodSeconds", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "default": 60}, "description": "How long the guest may take to power off before it is switched off."}));
+        }
+        add(
+            &format!("/api/v1/vms/{{namespace}}/{{name}}/{action}"),
+            "put",
+            json!({
+                "tags": ["vms"], "operationId": operation_id, "summary": summary, "parameters": parameters,
+                "responses": {
+                    "200": json_response("The VM after the action", schema_ref("Vm")),
+                    "401": response_ref("Unauthorized"), "404": response_ref("NotFound"),
+                    "409": response_ref("Conflict"), "500": response_ref("Internal"),
+                },
+            }),
+        );
+    }
+    add(
+        "/api/v1/vms/{namespace}/{name}/snapshots",
+        "get",
+        json!({
+            "tags": ["snapshots"], "operationId": "listSnapshots", "summary": "A VM's snapshots, oldest first", "parameters": vm_params(),
+            "responses": {"200": json_response("The snapshots", list_of("Snapshot")), "401": response_ref("Unauthorized"), "404": response_ref("NotFound")},
+        }),
+    );
+    add(
+        "/api/v1/vms/{namespace}/{name}/snapshots",
+        "post",
+        json!({
+            "tags": ["snapshots"], "operationId": "createSnapshot", "summary": "Take a snapshot",
+            "description": "With memory (running or paused VM): restoring resumes the guest exactly there. Without: the disk only, of a running (crash-consistent) or stopped VM.",
+            "parameters": vm_params(),
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("SnapshotRequest")}}},
+            "responses": {
+                "201": json_response("Taken", schema_ref("Snapshot")),
+                "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "404": response_ref("NotFound"),
+                "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal"),
+            },
+        }),
+    );
+    add(
+        "/api/v1/vms/{namespace}/{name}/snapshots/{snapshot}",
+        "delete",
+        json!({
+            "tags": ["snapshots"], "operationId": "deleteSnapshot", "summary": "Delete a snapshot", "parameters": snapshot_params(),
+            "responses": {"204": {"description": "Deleted"}, "401": response_ref("Unauthorized"), "404": response_ref("NotFound"), "409": response_ref("Conflict"), "500": response_ref("Internal")},
+        }),
+    );
+    add(
+        "/api/v1/vms/{namespace}/{name}/snapshots/{snapshot}/restore",
+        "put",
+        json!({
+            "tags": ["snapshots"], "operationId": "restoreSnapshot", "summary": "Restore a snapshot",
+            "description": "A memory snapshot restores a running or paused VM in place and starts a stopped one in the saved state. A disk-only snapshot needs a stopped VM.",
+            "parameters": snapshot_params(),
+            "responses": {"200": json_response("The VM after the restore", schema_ref("Vm")), "401": response_ref("Unauthorized"), "404": response_ref("NotFound"), "409": response_ref("Conflict"), "500": response_ref("Internal")},
+        }),
+    );
+    add(
+        "/api/v1/vms/{namespace}/{name}/screenshot",
+        "get",
+        json!({
+            "tags": ["consoles"], "operationId": "screenshot", "summary": "A PNG of the VM's screen", "parameters": vm_params(),
+            "responses": {
+                "200": {"description": "The screen", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                "401": response_ref("Unauthorized"), "404": response_ref("NotFound"), "409": response_ref("Conflict"), "422": response_ref("Unprocessable"),
+            },
+        }),
+    );
+    for (console, operation_id, summary) in [
+        (
+            "console",
+            "serialConsole",
+            "The serial console as a websocket (KubeVirt `console` subresource)",
+        ),
+        (
+            "vnc",
+            "vncConsole",
+            "The VNC server of the VM's screen as a websocket (KubeVirt `vnc` subresource; RFB inside)",
+        ),
+    ] {
+        add(
+            &format!("/api/v1/vms/{{namespace}}/{{name}}/{console}"),
+            "get",
+            json!({
+                "tags": ["consoles"], "operationId": operation_id, "summary": summary,
+                "description": "Upgrade to a websocket with subprotocol plain.kubevirt.io (binary is accepted too). Binary frames carry raw bytes both ways; text frames from the client are taken as their UTF-8 bytes. The server closes the websocket (1000) when the console closes, e.g. the VM stopped, and with 1001 at shutdown. The serial console is shared: every session sees the guest's output and may type. Authenticate with ?token= (browsers cannot set headers on websockets).",
+                "parameters": vm_params(),
+                "responses": {
+                    "101": {"description": "Switching to the websocket protocol"},
+                    "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "404": response_ref("NotFound"),
+                    "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal"),
+                },
+            }),
+        );
+    }
+    add(
+        "/api/v1/events",
+        "get",
+        json!({
+            "tags": ["vms"], "operationId": "events", "summary": "Every change from now on, as server-sent events",
+            "description": "text/event-stream; the event name is the type (Changed, SnapshotsChanged, Deleted, Lagged) and the data is an Event as JSON. List first, then apply events; after Lagged, list again.",
+            "responses": {
+                "200": {"description": "The stream", "content": {"text/event-stream": {"schema": schema_ref("Event")}}},
+                "401": response_ref("Unauthorized"),
+            },
+        }),
+    );
+    Value::Object(paths)
+}
+
+fn parameters() -> Value {
+    json!({
+        "namespace": {"name": "namespace", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The VM's namespace (`default` unless its manifest names one)."},
+        "name": {"name": "name", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The VM's name (metadata.name)."},
+        "snapshot": {"name": "snapshot", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The snapshot's name."},
+    })
+}
+
+fn responses() -> Value {
+    let error = |description: &str| json_response(description, schema_ref("Error"));
+    json!({
+        "BadRequest": error("The request is malformed (unparsable body, bad parameters); reason BadRequest"),
+        "Unauthorized": error("No or a wrong access token; reason Unauthorized"),
+        "NotFound": error("No such VM, snapshot or route; reason NotFound"),
+        "Conflict": error("Already exists (reason AlreadyExists) or not possible in the VM's current state (reason InvalidTransition); nothing changed"),
+        "UnsupportedMediaType": error("The body's Content-Type is neither YAML nor JSON; reason UnsupportedMediaType"),
+        "Unprocessable": error("Well-formed but invalid (reason InvalidSpec) or not supported by this backend (reason Unsupported); nothing changed"),
+        "Internal": error("A failure on the server's machine (QEMU, tools, files); reason Internal"),
+    })
+}
+
+fn schemas() -> Value {
+    let timestamp = json!({"type": "string", "format": "date-time", "description": "RFC 3339, UTC"});
+    let phase = json!({"type": "string", "enum": ["Stopped", "Starting", "Running", "Paused", "Stopping", "CrashLoopBackOff", "Failed"]});
+    json!({
+        "Error": {
+            "type": "object", "required": ["code", "reason", "message"],
+            "properties": {
+                "code": {"type": "integer", "description": "The HTTP status code"},
+                "reason": {"type": "string", "enum": ["NotFound", "AlreadyExists", "InvalidTransition", "InvalidSpec", "Unsupported", "BadRequest", "Unauthorized", "UnsupportedMediaType", "MethodNotAllowed", "Internal"]},
+                "message": {"type": "string", "description": "What failed, why, and what to do"},
+            },
+        },
+        "Readiness": {
+            "type": "object",
+            "properties": {
+                "status": {"type": "string", "enum": ["ready", "not ready"]},
+                "backend": {"type": "string", "example": "local"},
+                "checks": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}, "ok": {"type": "boolean"}, "message": {"type": "string"}}}},
+            },
+        },
+        "VirtualMachineApp": {
+            "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+            "description": "The paddock.dev/v1alpha1 VirtualMachineApp; `paddock crd` prints its full schema.",
+            "properties": {
+                "apiVersion": {"type": "string", "enum": ["paddock.dev/v1alpha1"]},
+                "kind": {"type": "string", "enum": ["VirtualMachineApp"]},
+                "metadata": {"type": "object", "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}}},
+                "spec": {"type": "object"},
+            },
+        },
+        "Vm": {
+            "type": "object", "required": ["namespace", "name", "runStrategy", "createdAt", "console", "status", "snapshots", "manifest"],
+            "properties": {
+                "namespace": {"type": "string"},
+                "name": {"type": "string"},
+                "displayName": {"type": "string"},
+                "runStrategy": {"type": "string", "enum": ["Always", "Halted", "Manual", "RerunOnFailure", "Once"]},
+                "createdAt": timestamp,
+                "console": {"type": "object", "properties": {"serial": {"type": "boolean"}, "vnc": {"type": "boolean"}}},
+                "status": schema_ref("VmStatus"),
+                "snapshots": {"type": "array", "items": schema_ref("Snapshot")},
+                "manifest": schema_ref("VirtualMachineApp"),
+            },
+        },
+        "VmStatus": {
+            "type": "object", "required": ["phase", "restartCount"],
+            "properties": {
+                "phase": phase.clone(),
+                "pid": {"type": "integer", "description": "The QEMU process (local backend)"},
+                "accelerator": {"type": "string", "enum": ["kvm", "tcg"]},
+                "startedAt": timestamp,
+                "restartCount": {"type": "integer", "description": "Automatic restarts by the run strategy"},
+                "lastExit": {
+                    "type": "object",
+                    "properties": {
+                        "kind": {"type": "string", "enum": ["GuestShutdown", "Stopped", "Crashed", "Killed", "StartFailed"]},
+                        "at": timestamp,
+                        "message": {"type": "string"},
+                    },
+                },
+                "message": {"type": "string"},
+                "warnings": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "Snapshot": {
+            "type": "object", "required": ["name", "createdAt", "memory", "takenInPhase"],
+            "properties": {
+                "name": {"type": "string"},
+                "createdAt": timestamp,
+                "memory": {"type": "boolean", "description": "Holds memory and device state"},
+                "takenInPhase": phase,
+            },
+        },
+        "SnapshotRequest": {
+            "type": "object", "required": ["name"], "additionalProperties": false,
+            "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$", "description": "1 to 64 letters, digits, '-', '_', '.'; not only digits"},
+                "memory": {"type": "boolean", "default": false},
+            },
+        },
+        "Event": {
+            "type": "object", "required": ["type"],
+            "properties": {
+                "type": {"type": "string", "enum": ["Changed", "SnapshotsChanged", "Deleted", "Lagged"]},
+                "namespace": {"type": "string"},
+                "name": {"type": "string"},
+                "status": schema_ref("VmStatus"),
+                "snapshots": {"type": "array", "items": schema_ref("Snapshot")},
+                "missed": {"type": "integer", "description": "Lagged: how many events were missed"},
+            },
+        },
+    })
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn response_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/responses/{name}")})
+}
+
+fn parameter_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/parameters/{name}")})
+}
+
+fn list_of(schema: &str) -> Value {
+    json!({"type": "object", "required": ["items"], "properties": {"items": {"type": "array", "items": schema_ref(schema)}}})
+}
+
+fn json_response(description: &str, schema: Value) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+}
