@@ -4,6 +4,7 @@
 //! `../shared/schemas/`). Nothing in this crate is shipped; it is a dev-dependency only.
 
 pub mod paths;
+pub mod processes;
 pub mod qemu;
 pub mod registry;
 pub mod schema;

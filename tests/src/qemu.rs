@@ -733,7 +733,7 @@ fn lit_fraction_of_ppm(image: &[u8]) -> Option<f64> {
 
 /// Drops carriage returns, ANSI/VT100 escape sequences and other control bytes (the busybox
 /// shell queries the cursor position with `ESC [ 6 n` before each prompt).
-fn clean_line(raw: &[u8]) -> String {
+pub fn clean_line(raw: &[u8]) -> String {
     let mut cleaned = Vec::with_capacity(raw.len());
     let mut index = 0;
     while index < raw.len() {

@@ -20,7 +20,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use paddock_console::VmView;
-use paddock_tests::qemu::{Accelerator, Qemu, ScratchDirectory};
+use paddock_tests::processes::{QemuReaper, process_alive};
+use paddock_tests::qemu::{Accelerator, Qemu, ScratchDirectory, clean_line};
 use paddock_tests::testdisk::{self, READY_BANNER};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -127,52 +128,6 @@ impl Drop for Serve {
             );
         }
     }
-}
-
-/// Kills every QEMU the test's state directory still has when the test ends, pass or fail.
-struct QemuReaper {
-    state_dir: PathBuf,
-}
-
-impl Drop for QemuReaper {
-    fn drop(&mut self) {
-        for pidfile in pidfiles(&self.state_dir.join("vms")) {
-            let Ok(pid) = std::fs::read_to_string(&pidfile) else {
-                continue;
-            };
-            let pid = pid.trim();
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let ours = cmdline
-                .split(|byte| *byte == 0)
-                .any(|argument| argument == pidfile.as_os_str().as_encoded_bytes());
-            if ours {
-                let _ = std::process::Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-    }
-}
-
-fn pidfiles(directory: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(directory) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(pidfiles(&path));
-        } else if path.file_name().is_some_and(|name| name == "qemu.pid") {
-            found.push(path);
-        }
-    }
-    found
-}
-
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-    })
 }
 
 struct Cli {
@@ -348,31 +303,6 @@ impl SerialSession {
             }
         }
     }
-}
-
-/// Drops carriage returns, terminal escape sequences and control bytes.
-fn clean_line(raw: &[u8]) -> String {
-    let mut cleaned = Vec::with_capacity(raw.len());
-    let mut index = 0;
-    while index < raw.len() {
-        let byte = raw[index];
-        if byte == 0x1b {
-            index += 1;
-            if raw.get(index) == Some(&b'[') {
-                index += 1;
-                while index < raw.len() && !(0x40..=0x7e).contains(&raw[index]) {
-                    index += 1;
-                }
-            }
-            index += 1;
-            continue;
-        }
-        if byte == b'\t' || byte >= 0x20 {
-            cleaned.push(byte);
-        }
-        index += 1;
-    }
-    String::from_utf8_lossy(&cleaned).trim().to_string()
 }
 
 /// The bytes of an RFB conversation: over the VNC websocket or a plain TCP connection.
