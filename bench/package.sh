@@ -17,7 +17,8 @@
 #   PADDOCK_BENCH_ANCHOR        auto (default: buildah if it works here, else skopeo) | buildah | skopeo
 #   PADDOCK_BENCH_PACKAGE       1 (default) to run the packaging benchmark, 0 to skip it
 #   PADDOCK_BENCH_PUSH          1 (default) to run the push benchmark, 0 to skip it
-#   PADDOCK_BENCH_PUSH_COMPRESSION  compression of the layout that is pushed (default none)
+#   PADDOCK_BENCH_PUSH_COMPRESSION  compression of the layout that is pushed (default zstd, what
+#                               `paddock package` writes by default; none shows the registry-bound case)
 #   PADDOCK_BENCH_BUILD         all (default: example + paddock CLI) | example | none
 #   PADDOCK_BENCH_SOURCES       directories whose files fill the input disk (space separated)
 #   PADDOCK_CACHE_DIR           cache root; the input lives in $PADDOCK_CACHE_DIR/bench (default ~/.cache/paddock)
@@ -31,7 +32,7 @@ COMPRESSIONS=${PADDOCK_BENCH_COMPRESSIONS:-none gzip zstd}
 ANCHOR_CHOICE=${PADDOCK_BENCH_ANCHOR:-auto}
 PACKAGE=${PADDOCK_BENCH_PACKAGE:-1}
 PUSH=${PADDOCK_BENCH_PUSH:-1}
-PUSH_COMPRESSION=${PADDOCK_BENCH_PUSH_COMPRESSION:-none}
+PUSH_COMPRESSION=${PADDOCK_BENCH_PUSH_COMPRESSION:-zstd}
 BUILD=${PADDOCK_BENCH_BUILD:-all}
 SOURCES=${PADDOCK_BENCH_SOURCES:-/usr/share /usr/bin /usr/sbin /usr/lib /usr/libexec /usr/local $HOME/.rustup}
 CACHE=${PADDOCK_CACHE_DIR:-$HOME/.cache/paddock}/bench

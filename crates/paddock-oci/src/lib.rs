@@ -15,7 +15,7 @@
 //! - atomic: outputs are assembled under temporary names next to the destination and renamed into
 //!   place, so a failure never leaves a half-written layout or archive.
 //!
-//! See the crate README for media types and the pending compression default.
+//! See the crate README for media types and why zstd is the default compression.
 
 mod extract;
 mod image;

@@ -93,10 +93,10 @@ pub struct PackageArgs {
     #[arg(long)]
     pub compress_qcow2: bool,
 
-    /// Layer compression. none: fastest, and what Zarf packages want (Zarf compresses the whole
-    /// package); zstd: smaller pushes over slow links (containerd >= 1.5, CRI-O, CDI >= 1.57);
+    /// Layer compression. zstd (default): smaller images in registries and on the wire, read by
+    /// containerd >= 1.5, CRI-O and CDI >= 1.57; none: fastest to build, for runtimes without zstd;
     /// gzip: for old runtimes. See the README's "Layer compression" section.
-    #[arg(long, value_enum, default_value_t = LayerCompression::None)]
+    #[arg(long, value_enum, default_value_t = LayerCompression::Zstd)]
     pub compression: LayerCompression,
 
     /// The platform of each disk, in order: os/architecture[/variant], e.g. linux/arm64. Several
