@@ -22,6 +22,7 @@
 //! See the crate README for the formats, the refusals and why.
 
 mod decompress;
+mod manifest;
 mod ova;
 mod ovf;
 mod prepare;
@@ -308,6 +309,18 @@ pub enum Error {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// An OVA's manifest (`.mf`) cannot be read or does not match the members paddock reads.
+    #[error(
+        "refusing OVA {archive}: its manifest {manifest:?} {reason}; the archive is damaged or was changed after export, copy or export it again"
+    )]
+    OvaManifest {
+        /// The archive path.
+        archive: PathBuf,
+        /// The manifest's member name.
+        manifest: String,
+        /// What does not match, or why the manifest cannot be read.
+        reason: String,
+    },
     /// An OVF file reference is not a plain relative name inside the archive.
     #[error(
         "refusing OVF in {archive}: file reference {href:?} is not a relative path inside the archive (URLs, absolute paths and '..' are not allowed); re-export the OVA with its disks inside"
@@ -387,6 +400,7 @@ impl Error {
             | Error::NoOvf { archive }
             | Error::Ovf { archive, .. }
             | Error::UnsafeOvfReference { archive, .. }
+            | Error::OvaManifest { archive, .. }
             | Error::OvfMissingFile { archive, .. } => Some(archive),
             Error::QemuImgNotFound | Error::WorkDir { .. } => None,
         }

@@ -7,6 +7,11 @@
 //! `DiskSection` disk with a file) is extracted, under a fixed name in the work directory — member
 //! names never become paths — sparsely and bounded by the expansion limit. Other disks become a
 //! [`Warning::ExtraDisks`].
+//!
+//! When the OVA carries a manifest (`.mf`), every line must be understood and name a member the
+//! archive holds, and the descriptor and the boot disk must match their checksums (the boot disk is
+//! hashed as it is extracted). Members paddock does not read (extra disks, NVRAM) are not hashed:
+//! reading them would only cost time for data that is not packaged.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,6 +20,7 @@ use std::path::{Component, Path};
 
 use tar::EntryType;
 
+use crate::manifest::{Entry, Manifest, MemberHasher, check};
 use crate::ovf::{OvfHints, parse_ovf};
 use crate::prepare::{Progress, Stage, Warning};
 use crate::sparse::SparseWriter;
@@ -22,6 +28,9 @@ use crate::{Error, Result};
 
 /// Largest OVF descriptor paddock reads into memory; real ones are a few KiB.
 const MAX_OVF_SIZE: u64 = 16 << 20;
+
+/// Largest manifest paddock reads into memory; one line per member, so a few hundred bytes.
+const MAX_MANIFEST_SIZE: u64 = 1 << 20;
 
 /// What [`open`] found and extracted.
 pub(crate) struct OpenedOva {
@@ -108,6 +117,7 @@ pub(crate) fn open(
     let mut tar = tar::Archive::new(file);
     let mut members: HashMap<String, MemberData> = HashMap::new();
     let mut ovf: Option<(String, String)> = None;
+    let mut manifest: Option<(String, String)> = None;
     for entry in tar.entries_with_seek().map_err(archive_error)? {
         let mut entry = entry.map_err(archive_error)?;
         let raw_path = entry.path().map_err(archive_error)?.into_owned();
@@ -156,6 +166,30 @@ pub(crate) fn open(
                 .read_to_string(&mut text)
                 .map_err(archive_error)?;
             ovf = Some((name, text));
+        } else if name.to_ascii_lowercase().ends_with(".mf") {
+            let refuse = |reason: String| Error::OvaManifest {
+                archive: archive.to_path_buf(),
+                manifest: name.clone(),
+                reason,
+            };
+            if manifest.is_some() {
+                return Err(refuse(
+                    "is the archive's second manifest; an OVA carries one".into(),
+                ));
+            }
+            if data.size > MAX_MANIFEST_SIZE {
+                return Err(refuse(format!(
+                    "is {} bytes, too large for a manifest",
+                    data.size
+                )));
+            }
+            let mut text = String::new();
+            entry
+                .by_ref()
+                .take(MAX_MANIFEST_SIZE)
+                .read_to_string(&mut text)
+                .map_err(|error| refuse(format!("cannot be read as text: {error}")))?;
+            manifest = Some((name, text));
         }
     }
     let Some((ovf_member, text)) = ovf else {
@@ -190,6 +224,18 @@ pub(crate) fn open(
         ));
     };
 
+    let disk_checksum = match &manifest {
+        Some((manifest_member, manifest_text)) => verify_manifest(
+            archive,
+            manifest_member,
+            manifest_text,
+            &members,
+            (&ovf_member, &text),
+            &disk_member,
+        )?,
+        None => None,
+    };
+
     let mut warnings = Vec::new();
     if hints.disks.len() > 1 {
         let boot = hints.disks.iter().position(|disk| disk.file.is_some());
@@ -215,15 +261,23 @@ pub(crate) fn open(
         });
     }
 
-    extract(
+    let disk_hash = extract(
         archive,
         &disk_member,
         data,
         output,
         limit,
         max_virtual_size,
+        disk_checksum.as_ref().map(|(_, entry)| entry.algorithm),
         progress,
     )?;
+    if let (Some((manifest_member, entry)), Some(actual)) = (&disk_checksum, disk_hash) {
+        check(entry, &actual).map_err(|reason| Error::OvaManifest {
+            archive: archive.to_path_buf(),
+            manifest: manifest_member.clone(),
+            reason,
+        })?;
+    }
     Ok(OpenedOva {
         ovf_member,
         disk_member,
@@ -232,7 +286,46 @@ pub(crate) fn open(
     })
 }
 
-/// Copies one member's bytes into a new sparse file.
+/// Checks the manifest against the archive: every line understood and naming a member, the
+/// descriptor's checksum right. Returns the manifest line for the boot disk, checked after extraction.
+fn verify_manifest(
+    archive: &Path,
+    manifest_member: &str,
+    manifest_text: &str,
+    members: &HashMap<String, MemberData>,
+    (ovf_member, ovf_text): (&str, &str),
+    disk_member: &str,
+) -> Result<Option<(String, Entry)>> {
+    let refuse = |reason: String| Error::OvaManifest {
+        archive: archive.to_path_buf(),
+        manifest: manifest_member.to_string(),
+        reason,
+    };
+    let parsed =
+        Manifest::parse(manifest_text).map_err(|reason| refuse(format!("cannot be read: {reason}")))?;
+    let mut disk = None;
+    for entry in parsed.entries {
+        let member = resolve_href(manifest_member, &entry.file)
+            .filter(|member| members.contains_key(member))
+            .ok_or_else(|| {
+                refuse(format!(
+                    "lists {:?}, which is not a member of the archive",
+                    entry.file
+                ))
+            })?;
+        if member == ovf_member {
+            let mut hasher = MemberHasher::new(entry.algorithm);
+            hasher.update(ovf_text.as_bytes());
+            check(&entry, &hasher.finish()).map_err(refuse)?;
+        } else if member == disk_member {
+            disk = Some((manifest_member.to_string(), entry));
+        }
+    }
+    Ok(disk)
+}
+
+/// Copies one member's bytes into a new sparse file; with `hash`, returns their digest.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the arguments
 fn extract(
     archive: &Path,
     member: &str,
@@ -240,8 +333,10 @@ fn extract(
     output: &Path,
     limit: u64,
     max_virtual_size: u64,
+    hash: Option<crate::manifest::Algorithm>,
     progress: &mut dyn Progress,
-) -> Result<()> {
+) -> Result<Option<String>> {
+    let mut hasher = hash.map(MemberHasher::new);
     if data.size > limit {
         return Err(Error::ExpandsTooLarge {
             action: format!("extracting {member} from"),
@@ -269,6 +364,9 @@ fn extract(
         if read == 0 {
             break;
         }
+        if let Some(hasher) = hasher.as_mut() {
+            hasher.update(&buffer[..read]);
+        }
         writer.write(&buffer[..read]).map_err(write_error)?;
         progress.update(Stage::Extract, writer.accepted(), data.size);
     }
@@ -282,7 +380,7 @@ fn extract(
             ),
         });
     }
-    Ok(())
+    Ok(hasher.map(MemberHasher::finish))
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! content `qemu-img compare` calls identical to that raw disk. Every refusal must leave the work
 //! directory empty.
 
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -441,18 +443,27 @@ fn ova_disk_is_converted_and_ovf_hints_are_read() {
     let reference = fixture.raw();
     let vmdk = fs::read(fixture.converted("so.vmdk", "vmdk", &["subformat=streamOptimized"])).unwrap();
     let ova = fixture.input("appliance.ova");
+    let descriptor = ovf(&[
+        ("vmdisk1", Some("appliance-disk1.vmdk"), None),
+        ("vmdisk2", Some("appliance-disk2.vmdk"), None),
+        ("scratch", None, None),
+    ]);
     write_tar(
         &ova,
         vec![
+            file("appliance.ovf", descriptor.clone()),
+            // What ovftool writes: a checksum per member; the descriptor's and the boot disk's are
+            // verified, the second disk's is only required to name a member.
             file(
-                "appliance.ovf",
-                ovf(&[
-                    ("vmdisk1", Some("appliance-disk1.vmdk"), None),
-                    ("vmdisk2", Some("appliance-disk2.vmdk"), None),
-                    ("scratch", None, None),
-                ]),
+                "appliance.mf",
+                format!(
+                    "SHA256(appliance.ovf)= {}\nSHA1(appliance-disk1.vmdk)= {}\nSHA256(appliance-disk2.vmdk)= {}\n",
+                    hex(&Sha256::digest(&descriptor)),
+                    hex(&Sha1::digest(&vmdk)),
+                    "0".repeat(64),
+                )
+                .into_bytes(),
             ),
-            file("appliance.mf", b"SHA256(appliance.ovf)= 00\n".to_vec()),
             file("appliance-disk1.vmdk", vmdk.clone()),
             file("appliance-disk2.vmdk", vmdk),
         ],
@@ -488,6 +499,72 @@ fn ova_disk_is_converted_and_ovf_hints_are_read() {
         }]
     );
     assert!(prepared.warnings[0].to_string().contains("one disk per image"));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[test]
+fn an_ova_that_does_not_match_its_manifest_is_refused() {
+    let fixture = Fixture::new();
+    let vmdk = fs::read(fixture.converted("so.vmdk", "vmdk", &["subformat=streamOptimized"])).unwrap();
+    let descriptor = ovf(&[("vmdisk1", Some("disk1.vmdk"), None)]);
+    let mut damaged = vmdk.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x01;
+    let good_disk = hex(&Sha256::digest(&vmdk));
+    let good_descriptor = hex(&Sha256::digest(&descriptor));
+    let cases: [(&str, String, &[u8], &str); 5] = [
+        (
+            "a changed disk",
+            format!("SHA256(vm.ovf)= {good_descriptor}\nSHA256(disk1.vmdk)= {good_disk}\n"),
+            &damaged,
+            "\"disk1.vmdk\" has SHA256",
+        ),
+        (
+            "a changed descriptor",
+            format!("SHA256(vm.ovf)= {}\n", "1".repeat(64)),
+            &vmdk,
+            "\"vm.ovf\" has SHA256",
+        ),
+        (
+            "a member that is not there",
+            format!("SHA256(nvram.bin)= {good_disk}\n"),
+            &vmdk,
+            "lists \"nvram.bin\", which is not a member",
+        ),
+        (
+            "an algorithm paddock cannot check",
+            "MD5(disk1.vmdk)= d41d8cd98f00b204e9800998ecf8427e\n".into(),
+            &vmdk,
+            "digest algorithm \"MD5\"",
+        ),
+        (
+            "a path outside the archive",
+            format!("SHA256(../disk1.vmdk)= {good_disk}\n"),
+            &vmdk,
+            "lists \"../disk1.vmdk\"",
+        ),
+    ];
+    for (index, (case, manifest, disk, needle)) in cases.into_iter().enumerate() {
+        let ova = fixture.input(&format!("manifest{index}.ova"));
+        write_tar(
+            &ova,
+            vec![
+                file("vm.ovf", descriptor.clone()),
+                file("vm.mf", manifest.into_bytes()),
+                file("disk1.vmdk", disk.to_vec()),
+            ],
+        );
+        let error = fixture.refuse(&ova, &fixture.options(OutputFormat::default()));
+        let message = error.to_string();
+        assert!(
+            matches!(error, Error::OvaManifest { .. }) && message.contains(needle),
+            "{case}: {message}"
+        );
+        assert!(message.contains("copy or export it again"), "{case}: {message}");
+    }
 }
 
 #[test]
