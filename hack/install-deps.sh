@@ -12,6 +12,8 @@ packages=(
   skopeo docker-registry xz-utils zstd
   # the Kubernetes control plane for integration tests (etcd and kube-apiserver are built from Go modules)
   openssl curl python3
+  # vncdotool, the third-party VNC client the end-to-end tests drive, installs into a venv
+  python3-venv
 )
 
 missing=()

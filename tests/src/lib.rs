@@ -9,4 +9,5 @@ pub mod qemu;
 pub mod registry;
 pub mod schema;
 pub mod testdisk;
+pub mod vncdotool;
 pub mod zarf;

@@ -682,6 +682,9 @@ async fn console_session(
             from_vm = channel.from_vm.recv() => match from_vm {
                 Some(bytes) => {
                     if socket.send(Message::Binary(bytes)).await.is_err() {
+                        // The client cannot read any more, but frames it sent before leaving
+                        // (a key press, then disconnect) may still be buffered: forward them.
+                        forward_remaining_input(&mut socket, &channel).await;
                         break "client gone";
                     }
                 }
@@ -715,6 +718,27 @@ async fn console_session(
     };
     state.metrics.session_closed(kind.as_str());
     tracing::info!(ending, "console session closed");
+}
+
+/// How long the frames a departed client sent last may take to arrive.
+const REMAINING_INPUT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Forwards the input frames still readable from a client whose side can no longer be written.
+async fn forward_remaining_input(socket: &mut WebSocket, channel: &ConsoleChannel) {
+    let forward = async {
+        while let Some(Ok(message)) = socket.recv().await {
+            let bytes = match message {
+                Message::Binary(bytes) => bytes,
+                Message::Text(text) => Bytes::copy_from_slice(text.as_str().as_bytes()),
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => continue,
+            };
+            if channel.to_vm.send(bytes).await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REMAINING_INPUT_GRACE, forward).await;
 }
 
 async fn events(State(state): State<AppState>) -> Response {

@@ -478,6 +478,9 @@ fn bridge(stream: UnixStream) -> ConsoleChannel {
                     Ok(0) | Err(_) => break,
                     Ok(count) => {
                         if to_session.send(Bytes::copy_from_slice(&buffer[..count])).await.is_err() {
+                            // The session is gone, but what its client typed last may still be
+                            // queued (a viewer that sends a key and disconnects): deliver it.
+                            deliver_queued_input(&mut from_session, &mut writer).await;
                             break;
                         }
                     }
@@ -494,6 +497,26 @@ fn bridge(stream: UnixStream) -> ConsoleChannel {
         }
     });
     ConsoleChannel { from_vm, to_vm }
+}
+
+/// How long a closed session's last input may take to reach the VM.
+const QUEUED_INPUT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes the input still queued by a session that has ended, until the session's sender is gone.
+async fn deliver_queued_input(
+    from_session: &mut mpsc::Receiver<Bytes>,
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    let delivery = async {
+        while let Some(bytes) = from_session.recv().await {
+            if writer.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(QUEUED_INPUT_GRACE, delivery).await.is_err() {
+        tracing::debug!("a closed console session kept its input channel open; queued input dropped");
+    }
 }
 
 fn check_writable(state_dir: &Path) -> Result<String, String> {

@@ -815,6 +815,8 @@ async fn bridge_tcp(
             message = socket.next() => match message {
                 Some(Ok(Message::Binary(bytes))) => {
                     if let Err(error) = stream.write_all(&bytes).await {
+                        // A viewer that sends a key and disconnects must not lose the key.
+                        forward_remaining_input(&mut stream, &mut socket, &mut buffer).await;
                         return format!("writing to the viewer failed: {error}");
                     }
                 }
@@ -827,6 +829,27 @@ async fn bridge_tcp(
             },
         }
     }
+}
+
+/// Sends what a departed viewer wrote before leaving to the VM, then closes the websocket.
+async fn forward_remaining_input(
+    stream: &mut tokio::net::TcpStream,
+    socket: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    buffer: &mut [u8],
+) {
+    let forward = async {
+        while let Ok(count @ 1..) = stream.read(buffer).await {
+            if socket
+                .send(Message::Binary(Bytes::copy_from_slice(&buffer[..count])))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = socket.close(None).await;
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), forward).await;
 }
 
 fn print_structured<T: Serialize>(value: &T, output: OutputFormat) -> anyhow::Result<()> {
