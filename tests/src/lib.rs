@@ -3,6 +3,7 @@
 //! Everything here starts or reads *real* components (QEMU, the test disk, the schemas under
 //! `../shared/schemas/`). Nothing in this crate is shipped; it is a dev-dependency only.
 
+pub mod cluster;
 pub mod paths;
 pub mod processes;
 pub mod qemu;

@@ -1,0 +1,1 @@
+//! Benchmark programs used by the scripts in `bench/` (see `bench/README.md`).
