@@ -31,6 +31,7 @@ use axum::middleware::{Next, from_fn_with_state};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post, put};
+use futures_util::SinkExt;
 use futures_util::stream::{BoxStream, StreamExt};
 use paddock_api::app::VirtualMachineApp;
 use serde::de::DeserializeOwned;
@@ -681,7 +682,15 @@ async fn console_session(
         tokio::select! {
             from_vm = channel.from_vm.recv() => match from_vm {
                 Some(bytes) => {
-                    if socket.send(Message::Binary(bytes)).await.is_err() {
+                    // Whatever else the VM already sent goes out with it, in one flush.
+                    let mut batch = socket.feed(Message::Binary(bytes)).await;
+                    while batch.is_ok() {
+                        match channel.from_vm.try_recv() {
+                            Ok(more) => batch = socket.feed(Message::Binary(more)).await,
+                            Err(_) => break,
+                        }
+                    }
+                    if batch.is_err() || socket.flush().await.is_err() {
                         // The client cannot read any more, but frames it sent before leaving
                         // (a key press, then disconnect) may still be buffered: forward them.
                         forward_remaining_input(&mut socket, &channel).await;
