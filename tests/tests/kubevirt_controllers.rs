@@ -130,6 +130,59 @@ impl World {
             .unwrap();
     }
 
+    /// Polls `name` until its `status.phase` is `phase`, returning it.
+    async fn wait_phase(&self, resource: &ApiResource, name: &str, phase: &str) -> Value {
+        self.wait(resource, name, phase, |object| {
+            text(object, "/status/phase") == Some(phase)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Polls until `name` is gone.
+    async fn wait_deleted(&self, resource: &ApiResource, name: &str) {
+        self.wait(resource, name, "deleted", |object| object.is_none())
+            .await;
+    }
+
+    /// Polls `name` until its `status.phase` is one of `final_phases`, showing every state to
+    /// `inspect`; returns the last state and the distinct phases seen, in order.
+    async fn phases_until(
+        &self,
+        resource: &ApiResource,
+        name: &str,
+        final_phases: &[&str],
+        mut inspect: impl FnMut(&Value),
+    ) -> (Value, Vec<String>) {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut phases: Vec<String> = Vec::new();
+        loop {
+            let object = self.get(resource, name).await.unwrap();
+            inspect(&object);
+            if let Some(phase) = text(Some(&object), "/status/phase")
+                && phases.last().map(String::as_str) != Some(phase)
+            {
+                phases.push(phase.to_owned());
+            }
+            if phases
+                .last()
+                .is_some_and(|phase| final_phases.contains(&phase.as_str()))
+            {
+                return (object, phases);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} {name} never reached {final_phases:?}: {object:#}",
+                resource.kind
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn secrets(&self) -> Api<k8s_openapi::api::core::v1::Secret> {
+        Api::namespaced(self.client.clone(), self.namespace.name())
+    }
+
     /// Polls `name` until `done` holds for it (or for its absence), returning the last state.
     async fn wait(
         &self,
@@ -245,51 +298,97 @@ async fn allow_insecure(world: &World, registry: &str) {
     }
 }
 
-fn registry_data_volume(name: &str, url: &str) -> Value {
+/// A 1Gi DataVolume `name` filled from `source` (CDI's `spec.source`).
+fn data_volume(name: &str, source: Value) -> Value {
     json!({
         "apiVersion": "cdi.kubevirt.io/v1beta1",
         "kind": "DataVolume",
         "metadata": {"name": name},
         "spec": {
-            "source": {"registry": {"url": url}},
+            "source": source,
             "storage": {"resources": {"requests": {"storage": "1Gi"}}},
         },
     })
 }
 
+fn registry_data_volume(name: &str, url: &str) -> Value {
+    data_volume(name, json!({"registry": {"url": url}}))
+}
+
 /// Polls a DataVolume until Succeeded or Failed; returns it and the phases seen, checking on the way
 /// that every `progress` seen is CDI's "N.NN%" and never goes down.
 async fn wait_final(world: &World, name: &str) -> (Value, Vec<String>) {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut phases: Vec<String> = Vec::new();
     let mut last_progress = 0.0_f64;
-    loop {
-        let data_volume = world.get(&data_volumes(), name).await.unwrap();
-        if let Some(progress) = text(Some(&data_volume), "/status/progress") {
-            let percent: f64 = progress
-                .strip_suffix('%')
-                .and_then(|number| number.parse().ok())
-                .unwrap_or_else(|| panic!("progress {progress:?} is not N.NN%"));
-            assert!(
-                (0.0..=100.0).contains(&percent) && percent >= last_progress,
-                "progress went from {last_progress} to {progress}"
-            );
-            last_progress = percent;
-        }
-        if let Some(phase) = text(Some(&data_volume), "/status/phase")
-            && phases.last().map(String::as_str) != Some(phase)
-        {
-            phases.push(phase.to_owned());
-        }
-        if matches!(phases.last().map(String::as_str), Some("Succeeded" | "Failed")) {
-            return (data_volume, phases);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "DataVolume {name} never finished: {data_volume:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    world
+        .phases_until(&data_volumes(), name, &["Succeeded", "Failed"], |data_volume| {
+            if let Some(progress) = text(Some(data_volume), "/status/progress") {
+                let percent: f64 = progress
+                    .strip_suffix('%')
+                    .and_then(|number| number.parse().ok())
+                    .unwrap_or_else(|| panic!("progress {progress:?} is not N.NN%"));
+                assert!(
+                    (0.0..=100.0).contains(&percent) && percent >= last_progress,
+                    "progress went from {last_progress} to {progress}"
+                );
+                last_progress = percent;
+            }
+        })
+        .await
+}
+
+/// Creates DataVolume `name` importing `reference` from a registry and waits until it is final, as
+/// [`wait_final`].
+async fn import(world: &World, name: &str, reference: &str) -> (Value, Vec<String>) {
+    world
+        .create(
+            &data_volumes(),
+            registry_data_volume(name, &format!("docker://{reference}")),
+        )
+        .await;
+    wait_final(world, name).await
+}
+
+/// Where the simulated importer or upload put a DataVolume's disk.
+fn disk_path(data_volume: &Value) -> Option<&str> {
+    text(
+        Some(data_volume),
+        "/metadata/annotations/simulator.paddock.dev~1disk-path",
+    )
+}
+
+/// Asserts that `phases` (distinct, as seen) follow `order` and hold nothing else.
+fn assert_in_order(phases: &[String], order: &[&str]) {
+    let positions: Vec<usize> = phases
+        .iter()
+        .map(|phase| {
+            order
+                .iter()
+                .position(|known| known == phase)
+                .unwrap_or_else(|| panic!("unexpected phase {phase}"))
+        })
+        .collect();
+    assert!(
+        positions.windows(2).all(|pair| pair[0] < pair[1]),
+        "phases out of order: {phases:?}"
+    );
+}
+
+/// `paddock package disk --image reference --output layout`.
+fn package(disk: &Path, reference: &str, layout: &Path) {
+    run(Command::new(paddock_binary())
+        .arg("package")
+        .arg(disk)
+        .args(["--image", reference, "--output"])
+        .arg(layout));
+}
+
+/// `paddock push layout reference --insecure`.
+fn push_insecure(layout: &Path, reference: &str) {
+    run(Command::new(paddock_binary())
+        .arg("push")
+        .arg(layout)
+        .arg(reference)
+        .arg("--insecure"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -304,53 +403,22 @@ async fn registry_import_of_a_paddock_packaged_disk_succeeds_with_full_progress(
     qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "64M"]);
     let layout = directory.path().join("disk.oci");
     let reference = format!("{}/vms/disk:1", registry.address());
-    run(Command::new(paddock_binary())
-        .arg("package")
-        .arg(&disk)
-        .args(["--image", &reference, "--output"])
-        .arg(&layout));
-    run(Command::new(paddock_binary())
-        .arg("push")
-        .arg(&layout)
-        .arg(&reference)
-        .arg("--insecure"));
+    package(&disk, &reference, &layout);
+    push_insecure(&layout, &reference);
 
-    world
-        .create(
-            &data_volumes(),
-            registry_data_volume("imported", &format!("docker://{reference}")),
-        )
-        .await;
-    let (data_volume, phases) = wait_final(&world, "imported").await;
+    let (data_volume, phases) = import(&world, "imported", &reference).await;
     assert_eq!(
         text(Some(&data_volume), "/status/phase"),
         Some("Succeeded"),
         "{data_volume:#}"
     );
     assert_eq!(text(Some(&data_volume), "/status/progress"), Some("100.0%"));
-    let order = ["ImportScheduled", "ImportInProgress", "Succeeded"];
-    let positions: Vec<usize> = phases
-        .iter()
-        .map(|phase| {
-            order
-                .iter()
-                .position(|known| known == phase)
-                .unwrap_or_else(|| panic!("unexpected phase {phase}"))
-        })
-        .collect();
-    assert!(
-        positions.windows(2).all(|pair| pair[0] < pair[1]),
-        "phases out of order: {phases:?}"
-    );
+    assert_in_order(&phases, &["ImportScheduled", "ImportInProgress", "Succeeded"]);
     assert_eq!(condition(&data_volume, "Ready")["status"], "True");
     assert_eq!(condition(&data_volume, "Running")["reason"], "Completed");
     assert_eq!(data_volume["status"]["restartCount"], 0);
     // The imported disk is where the annotation says, and it is the qcow2 that was packaged.
-    let path = text(
-        Some(&data_volume),
-        "/metadata/annotations/simulator.paddock.dev~1disk-path",
-    )
-    .unwrap();
+    let path = disk_path(&data_volume).unwrap();
     let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", path])).unwrap();
     assert_eq!(info["format"], "qcow2");
     assert_eq!(info["virtual-size"], 64 * 1024 * 1024);
@@ -456,19 +524,9 @@ async fn registry_import_of_a_qcow2_with_a_backing_file_fails_with_a_clear_messa
     let layout = directory.path().join("overlay.oci");
     hand_built_layout(&overlay, &layout);
     let reference = format!("{}/vms/overlay:1", registry.address());
-    run(Command::new(paddock_binary())
-        .arg("push")
-        .arg(&layout)
-        .arg(&reference)
-        .arg("--insecure"));
+    push_insecure(&layout, &reference);
 
-    world
-        .create(
-            &data_volumes(),
-            registry_data_volume("overlay", &format!("docker://{reference}")),
-        )
-        .await;
-    let (data_volume, _) = wait_final(&world, "overlay").await;
+    let (data_volume, _) = import(&world, "overlay", &reference).await;
     assert_eq!(
         text(Some(&data_volume), "/status/phase"),
         Some("Failed"),
@@ -484,13 +542,7 @@ async fn registry_import_of_a_qcow2_with_a_backing_file_fails_with_a_clear_messa
         "{message}"
     );
     assert_eq!(condition(&data_volume, "Ready")["status"], "False");
-    assert!(
-        text(
-            Some(&data_volume),
-            "/metadata/annotations/simulator.paddock.dev~1disk-path"
-        )
-        .is_none()
-    );
+    assert!(disk_path(&data_volume).is_none());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -499,21 +551,9 @@ async fn upload_through_the_proxy_with_an_upload_token_succeeds() {
         return;
     };
     world
-        .create(
-            &data_volumes(),
-            json!({
-                "apiVersion": "cdi.kubevirt.io/v1beta1",
-                "kind": "DataVolume",
-                "metadata": {"name": "uploaded"},
-                "spec": {"source": {"upload": {}}, "storage": {"resources": {"requests": {"storage": "1Gi"}}}},
-            }),
-        )
+        .create(&data_volumes(), data_volume("uploaded", json!({"upload": {}})))
         .await;
-    world
-        .wait(&data_volumes(), "uploaded", "UploadReady", |object| {
-            text(object, "/status/phase") == Some("UploadReady")
-        })
-        .await;
+    world.wait_phase(&data_volumes(), "uploaded", "UploadReady").await;
 
     // The token comes from the aggregated upload.cdi.kubevirt.io API, through kube-apiserver.
     let request = http::Request::post(format!(
@@ -562,18 +602,9 @@ async fn upload_through_the_proxy_with_an_upload_token_succeeds() {
     };
     assert_eq!(curl("not-a-valid-token"), "401", "a forged token must be refused");
     assert_eq!(curl(&token), "200");
-    let data_volume = world
-        .wait(&data_volumes(), "uploaded", "Succeeded", |object| {
-            text(object, "/status/phase") == Some("Succeeded")
-        })
-        .await
-        .unwrap();
+    let data_volume = world.wait_phase(&data_volumes(), "uploaded", "Succeeded").await;
     assert_eq!(text(Some(&data_volume), "/status/progress"), Some("100.0%"));
-    let path = text(
-        Some(&data_volume),
-        "/metadata/annotations/simulator.paddock.dev~1disk-path",
-    )
-    .unwrap();
+    let path = disk_path(&data_volume).unwrap();
     assert_eq!(std::fs::metadata(path).unwrap().len(), 32 * 1024 * 1024);
     assert_eq!(curl(&token), "503", "a finished upload must refuse a second one");
 }
@@ -600,6 +631,14 @@ fn virtual_machine(name: &str, run_strategy: &str) -> Value {
     })
 }
 
+/// Creates [`virtual_machine`] `name` with `run_strategy` and waits until it is `printable`.
+async fn create_vm(world: &World, name: &str, run_strategy: &str, printable: &str) -> Value {
+    world
+        .create(&virtual_machines(), virtual_machine(name, run_strategy))
+        .await;
+    wait_printable(world, name, printable).await
+}
+
 async fn wait_printable(world: &World, name: &str, printable: &str) -> Value {
     world
         .wait(&virtual_machines(), name, printable, |object| {
@@ -614,10 +653,7 @@ async fn run_strategies_create_and_delete_virtual_machine_instances() {
     let Some(world) = World::new("kvc-runstrategy").await else {
         return;
     };
-    world
-        .create(&virtual_machines(), virtual_machine("always", "Always"))
-        .await;
-    let vm = wait_printable(&world, "always", "Running").await;
+    let vm = create_vm(&world, "always", "Always", "Running").await;
     assert_eq!(vm["status"]["ready"], true);
     assert_eq!(vm["status"]["created"], true);
     assert_eq!(vm["status"]["runStrategy"], "Always");
@@ -647,21 +683,14 @@ async fn run_strategies_create_and_delete_virtual_machine_instances() {
             json!({"spec": {"runStrategy": "Halted"}}),
         )
         .await;
-    world
-        .wait(&virtual_machine_instances(), "always", "deleted", |object| {
-            object.is_none()
-        })
-        .await;
+    world.wait_deleted(&virtual_machine_instances(), "always").await;
     let vm = wait_printable(&world, "always", "Stopped").await;
     assert_eq!(vm["status"]["created"], false);
     assert_eq!(vm["status"]["ready"], false);
     assert_eq!(condition(&vm, "Ready")["reason"], "VMINotExists");
 
     // Manual without a start request does nothing; Once starts one instance.
-    world
-        .create(&virtual_machines(), virtual_machine("manual", "Manual"))
-        .await;
-    let vm = wait_printable(&world, "manual", "Stopped").await;
+    let vm = create_vm(&world, "manual", "Manual", "Stopped").await;
     assert_eq!(vm["status"]["created"], false);
     assert!(world.get(&virtual_machine_instances(), "manual").await.is_none());
     // A start request (what virt-api's start subresource writes) starts it and is then trimmed.
@@ -680,14 +709,8 @@ async fn run_strategies_create_and_delete_virtual_machine_instances() {
         "{vm:#}"
     );
 
-    world
-        .create(&virtual_machines(), virtual_machine("once", "Once"))
-        .await;
-    wait_printable(&world, "once", "Running").await;
-    world
-        .create(&virtual_machines(), virtual_machine("rerun", "RerunOnFailure"))
-        .await;
-    wait_printable(&world, "rerun", "Running").await;
+    create_vm(&world, "once", "Once", "Running").await;
+    create_vm(&world, "rerun", "RerunOnFailure", "Running").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -719,9 +742,7 @@ async fn data_volume_templates_are_created_and_the_vm_waits_for_them() {
         assert_eq!(data_volume["metadata"]["ownerReferences"][0]["controller"], true);
     }
     world
-        .wait(&data_volumes(), "templated-blank", "Succeeded", |object| {
-            text(object, "/status/phase") == Some("Succeeded")
-        })
+        .wait_phase(&data_volumes(), "templated-blank", "Succeeded")
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
@@ -737,10 +758,7 @@ async fn snapshot_then_restore_brings_the_old_spec_back() {
     let Some(world) = World::new("kvc-snapshot").await else {
         return;
     };
-    world
-        .create(&virtual_machines(), virtual_machine("origin", "Halted"))
-        .await;
-    wait_printable(&world, "origin", "Stopped").await;
+    create_vm(&world, "origin", "Halted", "Stopped").await;
     world
         .create(
             &snapshots(),
@@ -838,12 +856,7 @@ async fn export_reports_links_and_a_generated_token_secret() {
             }),
         )
         .await;
-    let export = world
-        .wait(&exports(), "out", "Ready", |object| {
-            text(object, "/status/phase") == Some("Ready")
-        })
-        .await
-        .unwrap();
+    let export = world.wait_phase(&exports(), "out", "Ready").await;
     assert_eq!(condition(&export, "Ready")["reason"], "PodReady");
     assert_eq!(export["status"]["virtualMachineName"], "exported");
     for kind in ["internal", "external"] {
@@ -882,8 +895,7 @@ async fn export_reports_links_and_a_generated_token_secret() {
             ))
     );
     let secret_name = export["status"]["tokenSecretRef"].as_str().unwrap();
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-        Api::namespaced(world.client.clone(), world.namespace.name());
+    let secrets = world.secrets();
     let secret = secrets.get(secret_name).await.unwrap();
     let token = &secret.data.unwrap()["token"].0;
     assert_eq!(token.len(), 20);
@@ -899,10 +911,7 @@ async fn clone_creates_a_target_vm_with_new_identity() {
     let Some(world) = World::new("kvc-clone").await else {
         return;
     };
-    world
-        .create(&virtual_machines(), virtual_machine("source", "Halted"))
-        .await;
-    wait_printable(&world, "source", "Stopped").await;
+    create_vm(&world, "source", "Halted", "Stopped").await;
     world
         .create(
             &clones(),
@@ -918,34 +927,17 @@ async fn clone_creates_a_target_vm_with_new_identity() {
             }),
         )
         .await;
-    let mut phases: Vec<String> = Vec::new();
-    let deadline = Instant::now() + TIMEOUT;
-    let clone = loop {
-        let clone = world.get(&clones(), "copy").await.unwrap();
-        if let Some(phase) = text(Some(&clone), "/status/phase")
-            && phases.last().map(String::as_str) != Some(phase)
-        {
-            phases.push(phase.to_owned());
-        }
-        if phases.last().map(String::as_str) == Some("Succeeded") {
-            break clone;
-        }
-        assert!(Instant::now() < deadline, "clone never succeeded: {clone:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let order = [
-        "SnapshotInProgress",
-        "RestoreInProgress",
-        "CreatingTargetVM",
-        "Succeeded",
-    ];
-    let positions: Vec<usize> = phases
-        .iter()
-        .map(|phase| order.iter().position(|known| known == phase).unwrap())
-        .collect();
-    assert!(
-        positions.windows(2).all(|pair| pair[0] < pair[1]),
-        "phases out of order: {phases:?}"
+    let (clone, phases) = world
+        .phases_until(&clones(), "copy", &["Succeeded"], |_| {})
+        .await;
+    assert_in_order(
+        &phases,
+        &[
+            "SnapshotInProgress",
+            "RestoreInProgress",
+            "CreatingTargetVM",
+            "Succeeded",
+        ],
     );
     assert_eq!(clone["status"]["targetName"], "copied");
     assert_eq!(condition(&clone, "Ready")["status"], "True");
@@ -962,17 +954,10 @@ async fn clone_creates_a_target_vm_with_new_identity() {
     // The temporary snapshot and restore are gone, the source is untouched.
     let uid = clone["metadata"]["uid"].as_str().unwrap();
     world
-        .wait(
-            &snapshots(),
-            &format!("tmp-snapshot-{uid}"),
-            "deleted",
-            |object| object.is_none(),
-        )
+        .wait_deleted(&snapshots(), &format!("tmp-snapshot-{uid}"))
         .await;
     world
-        .wait(&restores(), &format!("tmp-restore-{uid}"), "deleted", |object| {
-            object.is_none()
-        })
+        .wait_deleted(&restores(), &format!("tmp-restore-{uid}"))
         .await;
     let source = world.get(&virtual_machines(), "source").await.unwrap();
     assert_eq!(
@@ -1020,15 +1005,7 @@ async fn a_missing_volume_claim_is_reported_until_it_appears() {
         )
     );
     world
-        .create(
-            &data_volumes(),
-            json!({
-                "apiVersion": "cdi.kubevirt.io/v1beta1",
-                "kind": "DataVolume",
-                "metadata": {"name": "later"},
-                "spec": {"source": {"blank": {}}, "storage": {"resources": {"requests": {"storage": "1Gi"}}}},
-            }),
-        )
+        .create(&data_volumes(), data_volume("later", json!({"blank": {}})))
         .await;
     let vm = wait_printable(&world, "needy", "Running").await;
     assert!(
@@ -1057,11 +1034,7 @@ async fn registry_credentials_come_from_the_secret_ref() {
     qemu_img(&["create", "-q", "-f", "raw", disk.to_str().unwrap(), "16M"]);
     let layout = directory.path().join("disk.oci");
     let reference = format!("{}/private/disk:1", registry.address());
-    run(Command::new(paddock_binary())
-        .arg("package")
-        .arg(&disk)
-        .args(["--image", &reference, "--output"])
-        .arg(&layout));
+    package(&disk, &reference, &layout);
     let mut push = Command::new(paddock_binary());
     push.arg("push")
         .arg(&layout)
@@ -1082,19 +1055,12 @@ async fn registry_credentials_come_from_the_secret_ref() {
     );
 
     // Without credentials the registry refuses the pull.
-    world
-        .create(
-            &data_volumes(),
-            registry_data_volume("anonymous", &format!("docker://{reference}")),
-        )
-        .await;
-    let (anonymous, _) = wait_final(&world, "anonymous").await;
+    let (anonymous, _) = import(&world, "anonymous", &reference).await;
     assert_eq!(text(Some(&anonymous), "/status/phase"), Some("Failed"));
     let message = condition(&anonymous, "Running")["message"].as_str().unwrap();
     assert!(message.contains("401"), "{message}");
 
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-        Api::namespaced(world.client.clone(), world.namespace.name());
+    let secrets = world.secrets();
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Secret",

@@ -26,7 +26,8 @@ use serde_json::{Value, json};
 
 use crate::Error;
 use crate::conditions::{
-    ReconcileError, controller_reference, drive, now, patch_status, retry_on_error, set_condition,
+    ReconcileError, controller_reference, drive, now, patch_status, random_string, retry_on_error,
+    set_progressing_and_ready,
 };
 
 struct Context {
@@ -51,27 +52,9 @@ pub(crate) async fn run(client: Client) -> Result<(), Error> {
     drive("clone controller", controller).await
 }
 
-fn clone_condition(kind: &str, status: bool, reason: &str) -> Value {
-    let now = now();
-    json!({
-        "type": kind,
-        "status": if status { "True" } else { "False" },
-        "reason": reason,
-        "lastProbeTime": now,
-        "lastTransitionTime": now,
-    })
-}
-
 fn random_suffix() -> Result<String, ReconcileError> {
     // Kubernetes' rand.String alphabet: no vowels, no confusable digits.
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let mut random = [0_u8; 5];
-    getrandom::fill(&mut random)
-        .map_err(|error| ReconcileError::Other(format!("random source failed: {error}")))?;
-    Ok(random
-        .iter()
-        .map(|byte| ALPHABET[usize::from(*byte) % ALPHABET.len()] as char)
-        .collect())
+    random_string(b"bcdfghjklmnpqrstvwxz2456789", 5)
 }
 
 /// Whether a label/annotation key survives KubeVirt's filters: `None` (no filters) keeps everything;
@@ -203,8 +186,7 @@ async fn reconcile(clone: Arc<VirtualMachineClone>, context: Arc<Context>) -> Re
 
     let pending = |reason: String| {
         let mut conditions = conditions.clone();
-        set_condition(&mut conditions, clone_condition("Progressing", false, "Pending"));
-        set_condition(&mut conditions, clone_condition("Ready", false, &reason));
+        set_progressing_and_ready(&mut conditions, false, "Pending", false, &reason);
         json!({ "conditions": conditions })
     };
 
@@ -259,10 +241,12 @@ async fn reconcile(clone: Arc<VirtualMachineClone>, context: Arc<Context>) -> Re
             (vm, source_name.clone(), false)
         }
         other => {
-            set_condition(&mut conditions, clone_condition("Progressing", false, "Failed"));
-            set_condition(
+            set_progressing_and_ready(
                 &mut conditions,
-                clone_condition("Ready", false, &format!("source kind {other} is not supported")),
+                false,
+                "Failed",
+                false,
+                &format!("source kind {other} is not supported"),
             );
             patch_status(
                 &clones,
@@ -274,13 +258,12 @@ async fn reconcile(clone: Arc<VirtualMachineClone>, context: Arc<Context>) -> Re
         }
     };
 
-    set_condition(
+    set_progressing_and_ready(
         &mut conditions,
-        clone_condition("Progressing", true, "Still processing"),
-    );
-    set_condition(
-        &mut conditions,
-        clone_condition("Ready", false, "Still processing"),
+        true,
+        "Still processing",
+        false,
+        "Still processing",
     );
 
     if phase.is_empty() || phase == "SnapshotInProgress" {
@@ -378,8 +361,7 @@ async fn reconcile(clone: Arc<VirtualMachineClone>, context: Arc<Context>) -> Re
         .await?;
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
-    set_condition(&mut conditions, clone_condition("Progressing", false, "Ready"));
-    set_condition(&mut conditions, clone_condition("Ready", true, "Ready"));
+    set_progressing_and_ready(&mut conditions, false, "Ready", true, "Ready");
     patch_status(
         &clones,
         &name,

@@ -37,8 +37,9 @@ pub(crate) enum ReconcileError {
 /// How long a failed reconcile waits before it is retried.
 pub(crate) const RETRY: Duration = Duration::from_secs(2);
 
-/// Now as an RFC 3339 timestamp with second precision, as Kubernetes writes `metav1.Time`.
-pub(crate) fn now() -> String {
+/// Now as an RFC 3339 timestamp with second precision (`2026-01-02T03:04:05Z`), as Kubernetes writes
+/// `metav1.Time`.
+pub fn now() -> String {
     let now = k8s_openapi::jiff::Timestamp::now();
     // Kubernetes serializes metav1.Time with second precision.
     let seconds = now.as_second();
@@ -83,6 +84,67 @@ pub(crate) fn condition(kind: &str, status: bool, reason: &str, message: &str) -
         "lastProbeTime": null,
         "lastTransitionTime": now,
     })
+}
+
+/// A condition as KubeVirt's snapshot, restore and clone controllers write them: a reason, no
+/// message, probed and changed now.
+pub(crate) fn condition_without_message(kind: &str, status: bool, reason: &str) -> Value {
+    let now = now();
+    json!({
+        "type": kind,
+        "status": if status { "True" } else { "False" },
+        "reason": reason,
+        "lastProbeTime": now,
+        "lastTransitionTime": now,
+    })
+}
+
+/// Sets the `Progressing` and `Ready` conditions that KubeVirt's snapshot, restore and clone
+/// controllers always write together (see [`condition_without_message`]).
+pub(crate) fn set_progressing_and_ready(
+    conditions: &mut Vec<Value>,
+    progressing: bool,
+    progressing_reason: &str,
+    ready: bool,
+    ready_reason: &str,
+) {
+    set_condition(
+        conditions,
+        condition_without_message("Progressing", progressing, progressing_reason),
+    );
+    set_condition(
+        conditions,
+        condition_without_message("Ready", ready, ready_reason),
+    );
+}
+
+/// `length` characters drawn uniformly enough from `alphabet` (ASCII) with the operating system's
+/// random source, for generated names and tokens.
+pub(crate) fn random_string(alphabet: &[u8], length: usize) -> Result<String, ReconcileError> {
+    let mut random = vec![0_u8; length];
+    getrandom::fill(&mut random)
+        .map_err(|error| ReconcileError::Other(format!("random source failed: {error}")))?;
+    Ok(random
+        .iter()
+        .map(|byte| alphabet[usize::from(*byte) % alphabet.len()] as char)
+        .collect())
+}
+
+/// The claim names of a pod-template `volumes` list: each DataVolume's name or PersistentVolumeClaim's
+/// claim name, in order (there are no PVCs here: a DataVolume of the claim's name stands for one).
+pub(crate) fn claim_names(volumes: Option<&Value>) -> Vec<String> {
+    volumes
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|volume| {
+            volume
+                .pointer("/dataVolume/name")
+                .or_else(|| volume.pointer("/persistentVolumeClaim/claimName"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 /// Replaces (or adds) `new` in `conditions` by type, keeping the old `lastTransitionTime` when the

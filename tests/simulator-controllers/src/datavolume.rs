@@ -172,6 +172,19 @@ pub(crate) fn status_patch(
     })
 }
 
+/// The status patch of a DataVolume whose disk is complete: Succeeded, `progress` 100%, `Ready` True
+/// and `Running` False `Completed` with `message` ("Import Complete", "Upload Complete").
+pub(crate) fn succeeded_status(data_volume: &DataVolume, message: &str) -> Value {
+    let mut status = status_patch(
+        data_volume,
+        "Succeeded",
+        (true, "", ""),
+        (false, "Completed", message),
+    );
+    status["progress"] = json!("100.0%");
+    status
+}
+
 /// CDI's DataVolume conditions carry `lastHeartbeatTime` instead of `lastProbeTime`.
 fn dv_condition(kind: &str, status: bool, reason: &str, message: &str) -> Value {
     let mut value = condition(kind, status, reason, message);
@@ -244,13 +257,7 @@ async fn reconcile(data_volume: Arc<DataVolume>, shared: Arc<Shared>) -> Result<
         return Ok(Action::await_change());
     }
     if source.blank.is_some() {
-        let mut status = status_patch(
-            &data_volume,
-            "Succeeded",
-            (true, "", ""),
-            (false, "Completed", "Import Complete"),
-        );
-        status["progress"] = json!("100.0%");
+        let status = succeeded_status(&data_volume, "Import Complete");
         patch_status(&api, &name, status).await?;
         return Ok(Action::await_change());
     }
@@ -360,13 +367,7 @@ async fn import(shared: &Shared, data_volume: &DataVolume, restarted: bool) {
             if let Err(error) = annotate {
                 tracing::warn!(%error, data_volume = %name, "cannot annotate the disk path");
             }
-            let mut status = status_patch(
-                &latest,
-                "Succeeded",
-                (true, "", ""),
-                (false, "Completed", "Import Complete"),
-            );
-            status["progress"] = json!("100.0%");
+            let status = succeeded_status(&latest, "Import Complete");
             tracing::info!(data_volume = %name, namespace, "import succeeded");
             status
         }
@@ -504,13 +505,7 @@ pub(crate) async fn finish_upload(
         .get(&name)
         .await
         .map_err(|error| format!("cannot read DataVolume {name}: {error}"))?;
-    let mut status = status_patch(
-        &latest,
-        "Succeeded",
-        (true, "", ""),
-        (false, "Completed", "Upload Complete"),
-    );
-    status["progress"] = json!("100.0%");
+    let status = succeeded_status(&latest, "Upload Complete");
     patch_status(&api, &name, status)
         .await
         .map_err(|error| format!("cannot mark DataVolume {name} Succeeded: {error}"))?;

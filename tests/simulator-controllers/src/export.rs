@@ -27,12 +27,11 @@ use paddock_api::cdi::datavolume::DataVolume;
 use paddock_api::kubevirt::virtualmachine::VirtualMachine;
 use paddock_api::kubevirt::virtualmachineexport::VirtualMachineExport;
 use paddock_api::kubevirt::virtualmachineinstance::VirtualMachineInstance;
-use paddock_api::kubevirt::virtualmachinesnapshot::VirtualMachineSnapshot;
 use serde_json::{Value, json};
 
 use crate::conditions::{
-    ReconcileError, conditions_of, controller_reference, drive, now, patch_status, retry_on_error,
-    set_condition,
+    ReconcileError, claim_names, condition_without_message, conditions_of, controller_reference, drive,
+    patch_status, random_string, retry_on_error, set_condition,
 };
 use crate::{Error, TlsMaterial};
 
@@ -56,28 +55,19 @@ pub(crate) async fn run(client: Client) -> Result<(), Error> {
     drive("export controller", controller).await
 }
 
+/// The export's `Ready` condition: KubeVirt's snapshot-style condition plus a message.
 fn export_condition(status: bool, reason: &str, message: &str) -> Value {
-    let now = now();
-    json!({
-        "type": "Ready",
-        "status": if status { "True" } else { "False" },
-        "reason": reason,
-        "message": message,
-        "lastProbeTime": now,
-        "lastTransitionTime": now,
-    })
+    let mut condition = condition_without_message("Ready", status, reason);
+    condition["message"] = json!(message);
+    condition
 }
 
 /// A KubeVirt-style export token: 20 random alphanumerics.
 fn export_token() -> Result<String, ReconcileError> {
-    const ALPHANUMERICS: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut random = [0_u8; 20];
-    getrandom::fill(&mut random)
-        .map_err(|error| ReconcileError::Other(format!("random source failed: {error}")))?;
-    Ok(random
-        .iter()
-        .map(|byte| ALPHANUMERICS[usize::from(*byte) % ALPHANUMERICS.len()] as char)
-        .collect())
+    random_string(
+        b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
+        20,
+    )
 }
 
 /// The source's volumes (PVC names), or the reason it is not ready.
@@ -110,21 +100,6 @@ async fn data_volumes_populated(
     Ok(true)
 }
 
-fn claim_names(spec: &Value) -> Vec<String> {
-    spec.pointer("/template/spec/volumes")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|volume| {
-            volume
-                .pointer("/dataVolume/name")
-                .or_else(|| volume.pointer("/persistentVolumeClaim/claimName"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .collect()
-}
-
 async fn resolve_source(export: &VirtualMachineExport, client: &Client) -> Result<Source, ReconcileError> {
     let namespace = export.namespace().unwrap_or_default();
     let source = &export.spec.source;
@@ -139,7 +114,11 @@ async fn resolve_source(export: &VirtualMachineExport, client: &Client) -> Resul
                     message: format!("Virtual Machine {namespace}/{} not found", source.name),
                 });
             };
-            let volumes = claim_names(&serde_json::to_value(&vm.spec).unwrap_or_default());
+            let volumes = claim_names(
+                serde_json::to_value(&vm.spec)
+                    .unwrap_or_default()
+                    .pointer("/template/spec/volumes"),
+            );
             if volumes.is_empty() {
                 return Ok(Source::NotReady {
                     reason: "VMNoVolumes",
@@ -174,15 +153,8 @@ async fn resolve_source(export: &VirtualMachineExport, client: &Client) -> Resul
             })
         }
         "VirtualMachineSnapshot" => {
-            let snapshot = Api::<VirtualMachineSnapshot>::namespaced(client.clone(), &namespace)
-                .get_opt(&source.name)
-                .await?;
-            let ready = snapshot
-                .as_ref()
-                .and_then(|snapshot| snapshot.status.as_ref())
-                .and_then(|status| status.ready_to_use)
-                == Some(true);
-            let Some(snapshot) = snapshot.filter(|_| ready) else {
+            let Some(snapshot) = crate::snapshot::ready_snapshot(client, &namespace, &source.name).await?
+            else {
                 return Ok(Source::NotReady {
                     reason: "VMSnapshotNotFound",
                     message: format!(

@@ -34,6 +34,7 @@ mod virt_controller;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use conditions::now;
 pub use tls::{TlsError, TlsMaterial};
 pub use upload_token::{UploadTokenError, UploadTokens, upload_api_resource_list, upload_token_api};
 

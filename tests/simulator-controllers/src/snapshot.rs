@@ -33,24 +33,25 @@ use serde_json::{Value, json};
 
 use crate::Error;
 use crate::conditions::{
-    ReconcileError, conditions_of, controller_reference, drive, has_true, now, patch_status, retry_on_error,
-    set_condition,
+    ReconcileError, condition_without_message, conditions_of, controller_reference, drive, has_true, now,
+    patch_status, retry_on_error, set_condition, set_progressing_and_ready,
 };
 
 struct Context {
     client: Client,
 }
 
-/// KubeVirt's snapshot and restore conditions carry a reason and no message.
-fn snapshot_condition(kind: &str, status: bool, reason: &str) -> Value {
-    let now = now();
-    json!({
-        "type": kind,
-        "status": if status { "True" } else { "False" },
-        "reason": reason,
-        "lastProbeTime": now,
-        "lastTransitionTime": now,
-    })
+/// The snapshot `name` when it exists and is `readyToUse`.
+pub(crate) async fn ready_snapshot(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<VirtualMachineSnapshot>, kube::Error> {
+    let snapshot = Api::<VirtualMachineSnapshot>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await?;
+    Ok(snapshot
+        .filter(|snapshot| snapshot.status.as_ref().and_then(|status| status.ready_to_use) == Some(true)))
 }
 
 /// The VirtualMachineSnapshotContent API (no typed struct in paddock-api).
@@ -125,11 +126,13 @@ async fn reconcile_snapshot(
         None
     };
     let Some(vm) = vm else {
-        set_condition(
+        set_progressing_and_ready(
             &mut conditions,
-            snapshot_condition("Progressing", false, "Source does not exist"),
+            false,
+            "Source does not exist",
+            false,
+            "Not ready",
         );
-        set_condition(&mut conditions, snapshot_condition("Ready", false, "Not ready"));
         patch_status(
             &snapshots,
             &name,
@@ -139,11 +142,13 @@ async fn reconcile_snapshot(
         return Ok(Action::requeue(Duration::from_secs(2)));
     };
     if status.phase.is_none() {
-        set_condition(
+        set_progressing_and_ready(
             &mut conditions,
-            snapshot_condition("Progressing", true, "Source locked and operation in progress"),
+            true,
+            "Source locked and operation in progress",
+            false,
+            "Not ready",
         );
-        set_condition(&mut conditions, snapshot_condition("Ready", false, "Not ready"));
         patch_status(
             &snapshots,
             &name,
@@ -233,11 +238,7 @@ async fn reconcile_snapshot(
             ));
         }
     }
-    set_condition(
-        &mut conditions,
-        snapshot_condition("Progressing", false, "Operation complete"),
-    );
-    set_condition(&mut conditions, snapshot_condition("Ready", true, "Ready"));
+    set_progressing_and_ready(&mut conditions, false, "Operation complete", true, "Ready");
     let mut status = json!({
         "phase": "Succeeded",
         "readyToUse": true,
@@ -292,18 +293,15 @@ async fn reconcile_restore(
         return Ok(Action::await_change());
     }
     let waiting = |conditions: &mut Vec<Value>, reason: &str| {
-        set_condition(conditions, snapshot_condition("Progressing", false, reason));
-        set_condition(conditions, snapshot_condition("Ready", false, reason));
+        set_progressing_and_ready(conditions, false, reason, false, reason);
     };
-    let snapshot = Api::<VirtualMachineSnapshot>::namespaced(context.client.clone(), &namespace)
-        .get_opt(&restore.spec.virtual_machine_snapshot_name)
-        .await?;
-    let ready = snapshot
-        .as_ref()
-        .and_then(|snapshot| snapshot.status.as_ref())
-        .and_then(|status| status.ready_to_use)
-        == Some(true);
-    let Some(snapshot) = snapshot.filter(|_| ready) else {
+    let Some(snapshot) = ready_snapshot(
+        &context.client,
+        &namespace,
+        &restore.spec.virtual_machine_snapshot_name,
+    )
+    .await?
+    else {
         waiting(
             &mut conditions,
             &format!(
@@ -468,13 +466,12 @@ async fn reconcile_restore(
         }
         tracing::info!(restore = %name, target = %target_name, namespace, "restored the VM spec");
     }
-    set_condition(
+    set_progressing_and_ready(
         &mut conditions,
-        snapshot_condition("Progressing", false, "Operation complete"),
-    );
-    set_condition(
-        &mut conditions,
-        snapshot_condition("Ready", true, "Operation complete"),
+        false,
+        "Operation complete",
+        true,
+        "Operation complete",
     );
     patch_status(
         &restores,
@@ -486,9 +483,8 @@ async fn reconcile_restore(
 }
 
 fn fail(conditions: &mut Vec<Value>, reason: &str) {
-    set_condition(conditions, snapshot_condition("Progressing", false, reason));
-    set_condition(conditions, snapshot_condition("Ready", false, reason));
-    set_condition(conditions, snapshot_condition("Failure", true, reason));
+    set_progressing_and_ready(conditions, false, reason, false, reason);
+    set_condition(conditions, condition_without_message("Failure", true, reason));
 }
 
 /// Applies a restore's `spec.patches` (JSON patch operations, one JSON object per string) to the VM.

@@ -32,8 +32,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::conditions::{
-    ReconcileError, condition, conditions_of, controller_reference, drive, has_true, is_controlled_by, now,
-    patch_status, patch_status_in_place, retry_on_error, set_condition,
+    ReconcileError, claim_names, condition, conditions_of, controller_reference, drive, has_true,
+    is_controlled_by, now, patch_status, patch_status_in_place, retry_on_error, set_condition,
 };
 use crate::{Error, SIMULATED_NODE_NAME};
 
@@ -606,20 +606,7 @@ async fn volumes_ready(
     let namespace = vmi.namespace().unwrap_or_default();
     let api = Api::<DataVolume>::namespaced(client.clone(), &namespace);
     let spec = serde_json::to_value(&vmi.spec).unwrap_or_default();
-    let claims: Vec<String> = spec
-        .get("volumes")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|volume| {
-            volume
-                .pointer("/dataVolume/name")
-                .or_else(|| volume.pointer("/persistentVolumeClaim/claimName"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .collect();
-    for claim in claims {
+    for claim in claim_names(spec.get("volumes")) {
         match api.get_opt(&claim).await? {
             None => {
                 return Ok(VolumesReady::Missing(format!(

@@ -24,7 +24,6 @@ pub mod migration;
 pub mod registration;
 pub mod server;
 pub mod status;
-pub mod time;
 pub mod tls;
 
 use std::collections::HashSet;
@@ -32,8 +31,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-use serde_json::Value;
 
 use crate::machines::Machines;
 use crate::registration::ServiceReference;
@@ -240,12 +237,7 @@ async fn reap_machines(client: kube::Client, machines: Arc<Machines>) {
                     .flatten()
                     .filter(|vmi| lifecycle::phase(vmi) == "Running")
                     .map(|vmi| {
-                        let field = |pointer: &str| {
-                            vmi.pointer(pointer)
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_string()
-                        };
+                        let field = |pointer: &str| status::text(vmi, pointer).to_string();
                         (
                             field("/metadata/namespace"),
                             field("/metadata/name"),

@@ -16,9 +16,9 @@
 //! Contract: successful start/stop/restart/migrate answer 202 with no body; pause/unpause/softreboot
 //! answer 200 with no body; failures answer a `Status` ([`StatusError`]).
 
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::Response;
 use serde_json::{Value, json};
 
 use crate::server::AppState;
@@ -70,7 +70,7 @@ async fn optional_vmi(state: &AppState, namespace: &str, name: &str) -> Result<O
 
 /// A VMI's `status.phase` (empty when unset).
 pub fn phase(vmi: &Value) -> &str {
-    vmi.pointer("/status/phase").and_then(Value::as_str).unwrap_or("")
+    status::text(vmi, "/status/phase")
 }
 
 /// `vmi.IsFinal()`.
@@ -174,7 +174,7 @@ async fn patch_vm(
     match status::json_patch(state.client(), &path, operations, dry_run).await {
         Ok(_) => Ok(()),
         Err(error) if error.message().contains(JSON_PATCH_TEST_FAILED) => {
-            Err(StatusError::conflict("virtualmachine", name, error.message()))
+            Err(vm_conflict(name, error.message()))
         }
         Err(error) => Err(StatusError::internal(error.message())),
     }
@@ -199,41 +199,50 @@ fn dry_run(options: &Value) -> bool {
         .is_some_and(|values| values.iter().any(|value| value == "All"))
 }
 
-fn result(outcome: Result<StatusCode, StatusError>) -> Response {
-    match outcome {
-        Ok(code) => status::empty(code),
-        Err(error) => axum::response::IntoResponse::into_response(error),
+/// `errors.NewConflict(v1.Resource("virtualmachine"), name, error)`.
+fn vm_conflict(name: &str, error: impl std::fmt::Display) -> StatusError {
+    StatusError::conflict("virtualmachine", name, error)
+}
+
+/// `errors.NewConflict(v1.Resource("virtualmachineinstance"), name, error)`.
+fn vmi_conflict(name: &str, error: impl std::fmt::Display) -> StatusError {
+    StatusError::conflict("virtualmachineinstance", name, error)
+}
+
+/// The VMI, or 404/500 as [`fetch_vmi`], or a conflict with `not_running` unless it is `Running`.
+async fn fetch_running_vmi(
+    state: &AppState,
+    namespace: &str,
+    name: &str,
+    not_running: &str,
+) -> Result<Value, StatusError> {
+    let vmi = fetch_vmi(state, namespace, name).await?;
+    if phase(&vmi) != "Running" {
+        return Err(vmi_conflict(name, not_running));
     }
+    Ok(vmi)
+}
+
+/// A `Stop` state change request for the VMI with `vmi`'s uid.
+fn stop_request(vmi: &Value) -> Value {
+    json!({"action": "Stop", "uid": vmi.pointer("/metadata/uid").cloned().unwrap_or(Value::Null)})
 }
 
 /// `PUT .../virtualmachines/{name}/start`.
 pub async fn start(
     State(state): State<AppState>,
     Path((namespace, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
-) -> Response {
-    result(start_vm(&state, &namespace, &name, &body).await)
-}
-
-async fn start_vm(
-    state: &AppState,
-    namespace: &str,
-    name: &str,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<StatusCode, StatusError> {
-    let vm = fetch_vm(state, namespace, name).await?;
-    let vmi = optional_vmi(state, namespace, name).await?;
+    let vm = fetch_vm(&state, &namespace, &name).await?;
+    let vmi = optional_vmi(&state, &namespace, &name).await?;
     if let Some(vmi) = &vmi
         && !is_final(vmi)
         && !matches!(phase(vmi), "Unknown" | "")
     {
-        return Err(StatusError::conflict(
-            "virtualmachine",
-            name,
-            "VM is already running",
-        ));
+        return Err(vm_conflict(&name, "VM is already running"));
     }
-    let options = options(body)?;
+    let options = options(&body)?;
     let start_paused = options["paused"].as_bool() == Some(true);
     let mut start_request = json!({"action": "Start"});
     if start_paused {
@@ -249,9 +258,17 @@ async fn start_vm(
                 == Some("Paused");
             if start_paused && !template_starts_paused {
                 let patch = change_request_patch(&vm, vec![start_request])?;
-                patch_vm(state, namespace, name, true, &patch, dry_run).await?;
+                patch_vm(&state, &namespace, &name, true, &patch, dry_run).await?;
             } else {
-                patch_vm(state, namespace, name, false, &running_patch(&vm, true), dry_run).await?;
+                patch_vm(
+                    &state,
+                    &namespace,
+                    &name,
+                    false,
+                    &running_patch(&vm, true),
+                    dry_run,
+                )
+                .await?;
             }
         }
         "RerunOnFailure" | "Manual" => {
@@ -259,26 +276,21 @@ async fn start_vm(
             let needs_restart = (strategy == "RerunOnFailure" && vmi_phase == Some("Succeeded"))
                 || (strategy == "Manual" && vmi.as_ref().is_some_and(is_final));
             if strategy == "RerunOnFailure" && vmi_phase == Some("Failed") {
-                return Err(StatusError::conflict(
-                    "virtualmachine",
-                    name,
+                return Err(vm_conflict(
+                    &name,
                     "RerunOnFailure does not support starting VM from failed state",
                 ));
             }
             let changes = match (&vmi, needs_restart) {
-                (Some(vmi), true) => vec![
-                    json!({"action": "Stop", "uid": vmi.pointer("/metadata/uid").cloned().unwrap_or(Value::Null)}),
-                    start_request,
-                ],
+                (Some(vmi), true) => vec![stop_request(vmi), start_request],
                 _ => vec![start_request],
             };
             let patch = change_request_patch(&vm, changes)?;
-            patch_vm(state, namespace, name, true, &patch, dry_run).await?;
+            patch_vm(&state, &namespace, &name, true, &patch, dry_run).await?;
         }
         other => {
-            return Err(StatusError::conflict(
-                "virtualmachine",
-                name,
+            return Err(vm_conflict(
+                &name,
                 format!("{other} does not support manual start requests"),
             ));
         }
@@ -290,32 +302,23 @@ async fn start_vm(
 pub async fn stop(
     State(state): State<AppState>,
     Path((namespace, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
-) -> Response {
-    result(stop_vm(&state, &namespace, &name, &body).await)
-}
-
-async fn stop_vm(
-    state: &AppState,
-    namespace: &str,
-    name: &str,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<StatusCode, StatusError> {
-    let options = options(body)?;
+    let options = options(&body)?;
     let dry_run = dry_run(&options);
     let grace_period = options["gracePeriod"].as_i64();
-    let vm = fetch_vm(state, namespace, name).await?;
+    let vm = fetch_vm(&state, &namespace, &name).await?;
     let strategy = run_strategy(&vm)?;
-    let vmi = optional_vmi(state, namespace, name).await?;
+    let vmi = optional_vmi(&state, &namespace, &name).await?;
     let running_vmi = vmi.as_ref().filter(|vmi| !is_final(vmi));
     let mut old_grace_period = 0;
     if let (Some(vmi), Some(grace_period)) = (running_vmi, grace_period) {
-        old_grace_period = patch_grace_period(state, namespace, vmi, grace_period, dry_run).await?;
+        old_grace_period = patch_grace_period(&state, &namespace, vmi, grace_period, dry_run).await?;
     }
     match strategy.as_str() {
         "Halted" => {
             let Some(vmi) = running_vmi else {
-                return Err(StatusError::conflict("virtualmachine", name, VM_NOT_RUNNING));
+                return Err(vm_conflict(&name, VM_NOT_RUNNING));
             };
             let vmi_has_grace_period = vmi
                 .pointer("/spec/terminationGracePeriodSeconds")
@@ -323,22 +326,29 @@ async fn stop_vm(
             if grace_period
                 .is_none_or(|grace_period| vmi_has_grace_period && grace_period >= old_grace_period)
             {
-                return Err(StatusError::conflict(
-                    "virtualmachine",
-                    name,
+                return Err(vm_conflict(
+                    &name,
                     "Halted only supports manual stop requests with a shorter graceperiod",
                 ));
             }
-            request_stop(state, namespace, name, &vm, vmi, dry_run).await?;
+            request_stop(&state, &namespace, &name, &vm, vmi, dry_run).await?;
         }
         "RerunOnFailure" | "Manual" => {
             let Some(vmi) = running_vmi else {
-                return Err(StatusError::conflict("virtualmachine", name, VM_NOT_RUNNING));
+                return Err(vm_conflict(&name, VM_NOT_RUNNING));
             };
-            request_stop(state, namespace, name, &vm, vmi, dry_run).await?;
+            request_stop(&state, &namespace, &name, &vm, vmi, dry_run).await?;
         }
         _ => {
-            patch_vm(state, namespace, name, false, &running_patch(&vm, false), dry_run).await?;
+            patch_vm(
+                &state,
+                &namespace,
+                &name,
+                false,
+                &running_patch(&vm, false),
+                dry_run,
+            )
+            .await?;
         }
     }
     Ok(StatusCode::ACCEPTED)
@@ -353,8 +363,7 @@ async fn request_stop(
     vmi: &Value,
     dry_run: bool,
 ) -> Result<(), StatusError> {
-    let uid = vmi.pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
-    let patch = change_request_patch(vm, vec![json!({"action": "Stop", "uid": uid})])?;
+    let patch = change_request_patch(vm, vec![stop_request(vmi)])?;
     patch_vm(state, namespace, name, true, &patch, dry_run).await
 }
 
@@ -370,10 +379,7 @@ async fn patch_grace_period(
         .pointer("/spec/terminationGracePeriodSeconds")
         .cloned()
         .unwrap_or(Value::Null);
-    let name = vmi
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let name = status::text(vmi, "/metadata/name");
     let patch = json!([
         {"op": "test", "path": "/spec/terminationGracePeriodSeconds", "value": current},
         {"op": "replace", "path": "/spec/terminationGracePeriodSeconds", "value": grace_period},
@@ -388,18 +394,9 @@ async fn patch_grace_period(
 pub async fn restart(
     State(state): State<AppState>,
     Path((namespace, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
-) -> Response {
-    result(restart_vm(&state, &namespace, &name, &body).await)
-}
-
-async fn restart_vm(
-    state: &AppState,
-    namespace: &str,
-    name: &str,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<StatusCode, StatusError> {
-    let options = options(body)?;
+    let options = options(&body)?;
     let dry_run = dry_run(&options);
     let grace_period = options["gracePeriodSeconds"].as_i64();
     match grace_period {
@@ -415,32 +412,23 @@ async fn restart_vm(
         }
         _ => {}
     }
-    let vm = fetch_vm(state, namespace, name).await?;
+    let vm = fetch_vm(&state, &namespace, &name).await?;
     let strategy = run_strategy(&vm)?;
     if strategy == "Halted" || strategy == "Once" {
         // "RunStategy" is virt-api's spelling.
-        return Err(StatusError::conflict(
-            "virtualmachine",
-            name,
+        return Err(vm_conflict(
+            &name,
             format!("RunStategy {strategy} does not support manual restart requests"),
         ));
     }
-    let Some(vmi) = optional_vmi(state, namespace, name).await? else {
-        return Err(StatusError::conflict(
-            "virtualmachine",
-            name,
-            "VM is not running: Halted",
-        ));
+    let Some(vmi) = optional_vmi(&state, &namespace, &name).await? else {
+        return Err(vm_conflict(&name, "VM is not running: Halted"));
     };
     if grace_period == Some(0) {
-        patch_grace_period(state, namespace, &vmi, 1, dry_run).await?;
+        patch_grace_period(&state, &namespace, &vmi, 1, dry_run).await?;
     }
-    let uid = vmi.pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
-    let patch = change_request_patch(
-        &vm,
-        vec![json!({"action": "Stop", "uid": uid}), json!({"action": "Start"})],
-    )?;
-    patch_vm(state, namespace, name, true, &patch, dry_run).await?;
+    let patch = change_request_patch(&vm, vec![stop_request(&vmi), json!({"action": "Start"})])?;
+    patch_vm(&state, &namespace, &name, true, &patch, dry_run).await?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -448,22 +436,13 @@ async fn restart_vm(
 pub async fn migrate(
     State(state): State<AppState>,
     Path((namespace, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
-) -> Response {
-    result(migrate_vm(&state, &namespace, &name, &body).await)
-}
-
-async fn migrate_vm(
-    state: &AppState,
-    namespace: &str,
-    name: &str,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<StatusCode, StatusError> {
-    let options = options(body)?;
-    fetch_vm(state, namespace, name).await?;
-    let vmi = fetch_vmi(state, namespace, name).await?;
+    let options = options(&body)?;
+    fetch_vm(&state, &namespace, &name).await?;
+    let vmi = fetch_vmi(&state, &namespace, &name).await?;
     if phase(&vmi) != "Running" {
-        return Err(StatusError::conflict("virtualmachine", name, VM_NOT_RUNNING));
+        return Err(vm_conflict(&name, VM_NOT_RUNNING));
     }
     let mut spec = json!({"vmiName": name});
     if let Some(selector) = options.get("addedNodeSelector").filter(|value| !value.is_null()) {
@@ -486,54 +465,34 @@ async fn migrate_vm(
 pub async fn pause(
     State(state): State<AppState>,
     Path((namespace, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
-) -> Response {
-    result(pause_vmi(&state, &namespace, &name, &body).await)
-}
-
-async fn pause_vmi(
-    state: &AppState,
-    namespace: &str,
-    name: &str,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<StatusCode, StatusError> {
-    let options = options(body)?;
-    let vmi = fetch_vmi(state, namespace, name).await?;
-    if phase(&vmi) != "Running" {
-        return Err(StatusError::conflict(
-            "virtualmachineinstance",
-            name,
-            VM_NOT_RUNNING,
-        ));
-    }
+    let options = options(&body)?;
+    let vmi = fetch_running_vmi(&state, &namespace, &name, VM_NOT_RUNNING).await?;
     let liveness = vmi
         .pointer("/spec/livenessProbe")
         .filter(|probe| !probe.is_null());
     if liveness.is_some_and(|probe| probe.get("guestAgentPing").is_none_or(Value::is_null)) {
         return Err(StatusError::forbidden(
             "virtualmachineinstance",
-            name,
+            &name,
             "Pausing VMIs with a non-GuestAgentPing LivenessProbe is not supported",
         ));
     }
     if has_condition(&vmi, "Paused") {
-        return Err(StatusError::conflict(
-            "virtualmachineinstance",
-            name,
-            "VMI is already paused",
-        ));
+        return Err(vmi_conflict(&name, "VMI is already paused"));
     }
     if dry_run(&options) {
         return Ok(StatusCode::OK);
     }
     state
         .machines()
-        .pause(namespace, name)
+        .pause(&namespace, &name)
         .await
         .map_err(StatusError::internal)?;
-    let now = crate::time::now_rfc3339();
+    let now = paddock_kubevirt_controllers::now();
     set_paused_condition(
-        state,
+        &state,
         &vmi,
         Some(json!({
             "type": "Paused",
@@ -552,58 +511,34 @@ async fn pause_vmi(
 pub async fn unpause(
     State(state): State<AppState>,
     Path((namespace, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
-) -> Response {
-    result(unpause_vmi(&state, &namespace, &name, &body).await)
-}
-
-async fn unpause_vmi(
-    state: &AppState,
-    namespace: &str,
-    name: &str,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<StatusCode, StatusError> {
-    match fetch_vm(state, namespace, name).await {
+    match fetch_vm(&state, &namespace, &name).await {
         Ok(vm)
             if vm
                 .pointer("/status/snapshotInProgress")
                 .is_some_and(|value| !value.is_null()) =>
         {
-            return Err(StatusError::conflict(
-                "virtualmachine",
-                name,
-                "VM snapshot is in progress",
-            ));
+            return Err(vm_conflict(&name, "VM snapshot is in progress"));
         }
         Ok(_) => {}
         Err(error) if error.code == 404 => {}
         Err(error) => return Err(error),
     }
-    let options = options(body)?;
-    let vmi = fetch_vmi(state, namespace, name).await?;
-    if phase(&vmi) != "Running" {
-        return Err(StatusError::conflict(
-            "virtualmachineinstance",
-            name,
-            VMI_NOT_RUNNING,
-        ));
-    }
+    let options = options(&body)?;
+    let vmi = fetch_running_vmi(&state, &namespace, &name, VMI_NOT_RUNNING).await?;
     if !has_condition(&vmi, "Paused") {
-        return Err(StatusError::conflict(
-            "virtualmachineinstance",
-            name,
-            "VMI is not paused",
-        ));
+        return Err(vmi_conflict(&name, "VMI is not paused"));
     }
     if dry_run(&options) {
         return Ok(StatusCode::OK);
     }
     state
         .machines()
-        .resume(namespace, name)
+        .resume(&namespace, &name)
         .await
         .map_err(StatusError::internal)?;
-    set_paused_condition(state, &vmi, None).await?;
+    set_paused_condition(&state, &vmi, None).await?;
     Ok(StatusCode::OK)
 }
 
@@ -614,14 +549,8 @@ async fn set_paused_condition(
     vmi: &Value,
     paused: Option<Value>,
 ) -> Result<(), StatusError> {
-    let namespace = vmi
-        .pointer("/metadata/namespace")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let name = vmi
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let namespace = status::text(vmi, "/metadata/namespace");
+    let name = status::text(vmi, "/metadata/name");
     // The VirtualMachineInstance CRD has no status subresource: status is written with the object.
     let path = vmi_path(namespace, name);
     let mut current = vmi.clone();
@@ -666,38 +595,22 @@ async fn set_paused_condition(
 pub async fn soft_reboot(
     State(state): State<AppState>,
     Path((namespace, name)): Path<(String, String)>,
-) -> Response {
-    result(soft_reboot_vmi(&state, &namespace, &name).await)
-}
-
-async fn soft_reboot_vmi(state: &AppState, namespace: &str, name: &str) -> Result<StatusCode, StatusError> {
-    let vmi = fetch_vmi(state, namespace, name).await?;
-    if phase(&vmi) != "Running" {
-        return Err(StatusError::conflict(
-            "virtualmachineinstance",
-            name,
-            VM_NOT_RUNNING,
-        ));
-    }
+) -> Result<StatusCode, StatusError> {
+    let vmi = fetch_running_vmi(&state, &namespace, &name, VM_NOT_RUNNING).await?;
     if condition_status(&vmi, "Paused") == Some("True") {
-        return Err(StatusError::conflict(
-            "virtualmachineinstance",
-            name,
-            "VMI is paused",
-        ));
+        return Err(vmi_conflict(&name, "VMI is paused"));
     }
     let acpi_disabled = vmi
         .pointer("/spec/domain/features/acpi/enabled")
         .and_then(Value::as_bool)
         == Some(false);
     if !has_condition(&vmi, "AgentConnected") && acpi_disabled {
-        return Err(StatusError::conflict(
-            "virtualmachineinstance",
-            name,
+        return Err(vmi_conflict(
+            &name,
             "VMI neither have the agent connected nor the ACPI feature enabled",
         ));
     }
-    state.machines().soft_reboot(namespace, name);
+    state.machines().soft_reboot(&namespace, &name);
     Ok(StatusCode::OK)
 }
 

@@ -44,6 +44,16 @@ pub enum MachineError {
     },
 }
 
+impl MachineError {
+    /// Wraps a runtime failure on the machine `id`.
+    fn runtime(id: &VmId) -> impl Fn(paddock_local::RuntimeError) -> MachineError + Copy + '_ {
+        move |source| MachineError::Runtime {
+            id: id.to_string(),
+            source: Box::new(source),
+        }
+    }
+}
+
 /// The machines booted for VMIs.
 pub struct Machines {
     runtime: Runtime,
@@ -87,10 +97,7 @@ impl Machines {
             id: format!("{namespace}/{name}"),
             source: Box::new(source),
         })?;
-        let wrap = |source| MachineError::Runtime {
-            id: id.to_string(),
-            source: Box::new(source),
-        };
+        let wrap = MachineError::runtime(&id);
         let mut booted = self.booted.lock().await;
         if booted.get(&id).map(String::as_str) == Some(uid)
             && let Ok(info) = self.runtime.get(&id)
@@ -133,20 +140,14 @@ impl Machines {
     pub fn vnc_socket(&self, id: &VmId) -> Result<PathBuf, MachineError> {
         self.runtime
             .vnc_socket_path(id)
-            .map_err(|source| MachineError::Runtime {
-                id: id.to_string(),
-                source: Box::new(source),
-            })
+            .map_err(MachineError::runtime(id))
     }
 
     /// The serial console's unix socket of a booted machine.
     pub fn serial_socket(&self, id: &VmId) -> Result<PathBuf, MachineError> {
         self.runtime
             .serial_socket_path(id)
-            .map_err(|source| MachineError::Runtime {
-                id: id.to_string(),
-                source: Box::new(source),
-            })
+            .map_err(MachineError::runtime(id))
     }
 
     /// A PNG of the machine's screen.
@@ -154,10 +155,7 @@ impl Machines {
         self.runtime
             .screenshot(id)
             .await
-            .map_err(|source| MachineError::Runtime {
-                id: id.to_string(),
-                source: Box::new(source),
-            })
+            .map_err(MachineError::runtime(id))
     }
 
     async fn booted_id(&self, namespace: &str, name: &str) -> Option<VmId> {
@@ -165,42 +163,35 @@ impl Machines {
         self.booted.lock().await.contains_key(&id).then_some(id)
     }
 
+    /// The id of the VMI's machine when one was booted and is in `phase`.
+    async fn booted_in_phase(&self, namespace: &str, name: &str, phase: VmPhase) -> Option<VmId> {
+        let id = self.booted_id(namespace, name).await?;
+        let info = self.runtime.get(&id).ok()?;
+        (info.status.phase == phase).then_some(id)
+    }
+
     /// Pauses the VMI's machine, if one was booted.
     pub async fn pause(&self, namespace: &str, name: &str) -> Result<(), MachineError> {
-        let Some(id) = self.booted_id(namespace, name).await else {
+        let Some(id) = self.booted_in_phase(namespace, name, VmPhase::Running).await else {
             return Ok(());
         };
-        match self.runtime.get(&id) {
-            Ok(info) if info.status.phase == VmPhase::Running => self
-                .runtime
-                .pause(&id)
-                .await
-                .map(drop)
-                .map_err(|source| MachineError::Runtime {
-                    id: id.to_string(),
-                    source: Box::new(source),
-                }),
-            _ => Ok(()),
-        }
+        self.runtime
+            .pause(&id)
+            .await
+            .map(drop)
+            .map_err(MachineError::runtime(&id))
     }
 
     /// Resumes the VMI's machine, if one was booted and is paused.
     pub async fn resume(&self, namespace: &str, name: &str) -> Result<(), MachineError> {
-        let Some(id) = self.booted_id(namespace, name).await else {
+        let Some(id) = self.booted_in_phase(namespace, name, VmPhase::Paused).await else {
             return Ok(());
         };
-        match self.runtime.get(&id) {
-            Ok(info) if info.status.phase == VmPhase::Paused => self
-                .runtime
-                .resume(&id)
-                .await
-                .map(drop)
-                .map_err(|source| MachineError::Runtime {
-                    id: id.to_string(),
-                    source: Box::new(source),
-                }),
-            _ => Ok(()),
-        }
+        self.runtime
+            .resume(&id)
+            .await
+            .map(drop)
+            .map_err(MachineError::runtime(&id))
     }
 
     /// Reboots the VMI's machine in the background (ACPI power-off, then a fresh start), if one was

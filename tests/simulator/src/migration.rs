@@ -36,10 +36,7 @@ async fn complete_pending(client: &kube::Client) -> Result<(), status::ApiFailur
         .unwrap_or_default();
     let migrations = list["items"].as_array().cloned().unwrap_or_default();
     for migration in migrations {
-        let current = migration
-            .pointer("/status/phase")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let current = status::text(&migration, "/status/phase");
         if matches!(current, "Succeeded" | "Failed") {
             continue;
         }
@@ -51,22 +48,13 @@ async fn complete_pending(client: &kube::Client) -> Result<(), status::ApiFailur
 }
 
 async fn complete(client: &kube::Client, migration: &Value) -> Result<(), status::ApiFailure> {
-    let namespace = migration
-        .pointer("/metadata/namespace")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let name = migration
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let namespace = status::text(migration, "/metadata/namespace");
+    let name = status::text(migration, "/metadata/name");
     let migration_uid = migration.pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
-    let vmi_name = migration
-        .pointer("/spec/vmiName")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let vmi_name = status::text(migration, "/spec/vmiName");
     let migration_path =
         format!("/apis/kubevirt.io/v1/namespaces/{namespace}/virtualmachineinstancemigrations/{name}/status");
-    let now = crate::time::now_rfc3339();
+    let now = paddock_kubevirt_controllers::now();
     let vmi = status::get(client, &vmi_path(namespace, vmi_name)).await?;
     let Some(vmi) = vmi.filter(|vmi| phase(vmi) == "Running") else {
         let patch = json!({"status": {

@@ -9,7 +9,6 @@
 //! [`json_patch`] talk to the API server with the simulator's (admin) client and turn its errors into
 //! `StatusError`s the way virt-api does (not found stays not found, anything else is internal).
 
-use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -146,6 +145,11 @@ impl std::fmt::Display for ApiFailure {
     }
 }
 
+/// The string at `pointer` in a raw object, empty when it is missing or not a string.
+pub fn text<'a>(object: &'a Value, pointer: &str) -> &'a str {
+    object.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
 /// `GET path`: the object, or `None` when it does not exist.
 pub async fn get(client: &kube::Client, path: &str) -> Result<Option<Value>, ApiFailure> {
     let request = Request::get(path)
@@ -165,12 +169,14 @@ pub async fn json_patch(
     operations: &Value,
     dry_run: bool,
 ) -> Result<Value, ApiFailure> {
-    let uri = if dry_run {
-        format!("{path}?dryRun=All")
-    } else {
-        path.to_string()
-    };
-    send_json(client, "PATCH", &uri, "application/json-patch+json", operations).await
+    send_json(
+        client,
+        "PATCH",
+        &with_dry_run(path, dry_run),
+        "application/json-patch+json",
+        operations,
+    )
+    .await
 }
 
 /// `PATCH path` with a JSON merge patch.
@@ -185,17 +191,28 @@ pub async fn create(
     object: &Value,
     dry_run: bool,
 ) -> Result<Value, ApiFailure> {
-    let uri = if dry_run {
-        format!("{path}?dryRun=All")
-    } else {
-        path.to_string()
-    };
-    send_json(client, "POST", &uri, "application/json", object).await
+    send_json(
+        client,
+        "POST",
+        &with_dry_run(path, dry_run),
+        "application/json",
+        object,
+    )
+    .await
 }
 
 /// `PUT path` with a JSON body.
 pub async fn replace(client: &kube::Client, path: &str, object: &Value) -> Result<Value, ApiFailure> {
     send_json(client, "PUT", path, "application/json", object).await
+}
+
+/// `path` with `?dryRun=All` when `dry_run` asks for it.
+fn with_dry_run(path: &str, dry_run: bool) -> String {
+    if dry_run {
+        format!("{path}?dryRun=All")
+    } else {
+        path.to_string()
+    }
 }
 
 async fn send_json(
@@ -216,11 +233,6 @@ async fn send_json(
         .request::<Value>(request)
         .await
         .map_err(ApiFailure::from_kube)
-}
-
-/// An empty body with `code`.
-pub fn empty(code: StatusCode) -> Response {
-    (code, Body::empty()).into_response()
 }
 
 #[cfg(test)]
