@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Fails when the kopium-generated KubeVirt/CDI types differ from what hack/generate-types.sh generates
-# now. (The CRD under deploy/ and the golden builder files are checked by their own tests:
+# now, or when the committed web console build (web/dist, embedded in the paddock binary) differs
+# from what `npm ci && npm run build` in web/ builds now (the TypeScript is type-checked too).
+# (The CRD under deploy/ and the golden builder files are checked by their own tests:
 # crates/paddock/tests/cli.rs and crates/paddock-api/tests/builders.rs.)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -8,5 +10,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 hack/generate-types.sh
 if ! git diff --exit-code -- crates/paddock-api/src/kubevirt crates/paddock-api/src/cdi; then
   echo "check-generated: the KubeVirt/CDI types drifted from hack/generate-types.sh; commit its output" >&2
+  exit 1
+fi
+
+# The web console: dependencies exactly as locked, a type check, then a build into a scratch
+# directory compared with the committed web/dist.
+web_build=$(mktemp -d)
+trap 'rm -rf "$web_build"' EXIT
+(cd web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent check && node build.mjs "$web_build")
+if ! diff -r "$web_build" web/dist; then
+  echo "check-generated: web/dist drifted from web/src; run 'cd web && npm ci && npm run build' and commit web/dist" >&2
   exit 1
 fi

@@ -14,7 +14,13 @@ packages=(
   openssl curl python3
   # vncdotool, the third-party VNC client the end-to-end tests drive, installs into a venv
   python3-venv
+  # the web console: its build (node, npm) and its Playwright test's browser
+  nodejs chromium
 )
+# npm comes with nodejs from NodeSource, but is a separate package in Debian.
+if ! command -v npm >/dev/null; then
+  packages+=(npm)
+fi
 
 missing=()
 for package in "${packages[@]}"; do

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check paddock has, the way CI runs them (`.ci/run` calls this script):
 #   system packages → formatting → clippy (-D warnings) → generated-file drift → Rust tests
-#   (unit, golden, schema, CEL, and the test disk booting under real QEMU) → control-plane smoke test
-#   (real etcd + kube-apiserver) → Zarf smoke test (real zarf CLI).
+#   (unit, golden, schema, CEL, and the test disk booting under real QEMU) → web console end-to-end
+#   test (Playwright + Chromium against `paddock serve`) → control-plane smoke test (real etcd +
+#   kube-apiserver) → Zarf smoke test (real zarf CLI).
 # Tests that need a component install and start it themselves; nothing here is skipped silently.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,6 +32,9 @@ hack/check-generated.sh
 
 step "Rust tests"
 cargo test --workspace --locked --no-fail-fast
+
+step "web console end-to-end (Playwright, Chromium, real QEMU; screenshots in target/web-screenshots)"
+node web/tests/console.test.mjs
 
 step "Kubernetes control plane smoke test"
 tests/cluster/smoke.sh

@@ -6,6 +6,7 @@
 //! - Routes are KubeVirt-flavoured and versioned under `/api/v1` (see the crate README and
 //!   [`crate::openapi::document`], which describes exactly the routes of [`served_routes`]).
 //! - Every route except `/healthz` and `/readyz` needs the access token (see [`crate::auth`]).
+//!   The web console's static files under `/ui/` ([`crate::ui`]) are public and not API routes.
 //! - Every error is JSON `{"code": <status>, "reason": "<kind>", "message": "<what, why, what to
 //!   do>"}`: NotFound 404, AlreadyExists and InvalidTransition 409, InvalidSpec and Unsupported
 //!   422, BadRequest 400, Unauthorized 401, UnsupportedMediaType 415, Internal 500.
@@ -172,6 +173,7 @@ impl Api {
         Router::new()
             .merge(public)
             .merge(protected)
+            .merge(crate::ui::router())
             .route_layer(from_fn_with_state(state.clone(), observe))
             .fallback(no_route)
             .method_not_allowed_fallback(method_not_allowed)
@@ -390,8 +392,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
     match token_refusal(&state, request.headers(), request.uri().query()) {
         None => next.run(request).await,
+        // A browser opening the bare address gets the web console's sign-in page, not JSON.
+        Some(_) if request.uri().path() == "/" && accepts_html(request.headers()) => {
+            axum::response::Redirect::to(crate::ui::UI_PATH).into_response()
+        }
         Some(refusal) => refusal,
     }
+}
+
+fn accepts_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"))
 }
 
 /// The 401 response for a request without the right token; `None` when the token is right.
@@ -490,7 +503,24 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn index(State(state): State<AppState>) -> Json<serde_json::Value> {
+/// The links of the API; a browser (asking for HTML, e.g. from the URL `paddock serve` printed)
+/// is sent on to the web console, signed in with the token it came with.
+async fn index(State(state): State<AppState>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
+    if accepts_html(&headers) {
+        // The token was checked already; it moves from the query into the fragment, which the
+        // browser keeps to itself.
+        let location = match presented_token(&HeaderMap::new(), uri.query()) {
+            Some(token)
+                if token
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte)) =>
+            {
+                format!("{}#token={token}", crate::ui::UI_PATH)
+            }
+            _ => crate::ui::UI_PATH.to_string(),
+        };
+        return axum::response::Redirect::to(&location).into_response();
+    }
     Json(serde_json::json!({
         "name": "paddock",
         "version": env!("CARGO_PKG_VERSION"),
@@ -499,7 +529,9 @@ async fn index(State(state): State<AppState>) -> Json<serde_json::Value> {
         "openapi": "/openapi.json",
         "events": "/api/v1/events",
         "metrics": "/metrics",
+        "ui": crate::ui::UI_PATH,
     }))
+    .into_response()
 }
 
 async fn openapi() -> Json<serde_json::Value> {

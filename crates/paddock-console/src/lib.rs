@@ -1,6 +1,6 @@
 //! paddock's console server: the REST API, the serial and VNC websocket gateway and the event
 //! stream, over one [`Backend`] trait with two implementations (the local QEMU runtime now,
-//! KubeVirt later). The web UI will be embedded here too.
+//! KubeVirt later), and the web console (the UI built from `web/`, embedded).
 //!
 //! Role: what `paddock serve` runs and what the CLI's `vm` and `snapshot` verbs talk to.
 //!
@@ -10,6 +10,8 @@
 //! - [`api::Api`] builds the axum router: KubeVirt-flavoured routes under `/api/v1`, bearer-token
 //!   authentication ([`auth`]), JSON errors, websockets with the `plain.kubevirt.io` protocol,
 //!   server-sent events, `/healthz`, `/readyz`, `/metrics` and `/openapi.json` ([`openapi`]).
+//! - [`ui`] serves the embedded web console under `/ui/` (public static files; the API calls it
+//!   makes need the token like any other client's).
 //! - [`serve::serve`] runs it on a loopback address with a fresh token, published in
 //!   `<state>/serve.json` for the CLI.
 
@@ -21,6 +23,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod serve;
 pub mod time;
+pub mod ui;
 
 pub use api::{Api, ErrorBody, KUBEVIRT_SUBPROTOCOL, ServedRoute, served_routes};
 pub use auth::AccessToken;

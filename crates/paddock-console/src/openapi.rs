@@ -79,8 +79,9 @@ fn paths() -> Value {
         "/",
         "get",
         json!({
-            "tags": ["server"], "operationId": "index", "summary": "Where things are: API prefix, this document, events, metrics",
-            "responses": {"200": json_response("Links", json!({"type": "object"})), "401": response_ref("Unauthorized")},
+            "tags": ["server"], "operationId": "index", "summary": "Where things are: API prefix, this document, events, metrics, the web console",
+            "description": "A browser (Accept: text/html) is redirected to the web console at /ui/ (public static files), carrying the token in the URL fragment when it came with one.",
+            "responses": {"200": json_response("Links", json!({"type": "object"})), "303": {"description": "To the web console (browsers)"}, "401": response_ref("Unauthorized")},
         }),
     );
     add(

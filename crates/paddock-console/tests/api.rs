@@ -704,3 +704,101 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_console_is_public_static_content_with_a_strict_policy() {
+    let (_scratch, state) = scratch("api-ui");
+    let server = Server::start(&state, None).await;
+    let anonymous = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |path: &str, accept: &str| {
+        anonymous
+            .get(format!("{}{path}", server.base))
+            .header(reqwest::header::ACCEPT, accept)
+            .send()
+    };
+
+    // Every embedded file is served without the token, with the policy and its content type.
+    for name in paddock_console::ui::asset_names() {
+        let response = get(&format!("/ui/{name}"), "*/*").await.unwrap();
+        assert_eq!(response.status(), 200, "{name}");
+        let headers = response.headers().clone();
+        assert_eq!(
+            headers[reqwest::header::CONTENT_SECURITY_POLICY],
+            paddock_console::ui::CONTENT_SECURITY_POLICY
+        );
+        assert_eq!(headers[reqwest::header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(headers[reqwest::header::REFERRER_POLICY], "no-referrer");
+        let content_type = headers[reqwest::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let body = response.bytes().await.unwrap();
+        assert!(!body.is_empty(), "{name} is empty");
+        let expected_type = match name.rsplit('.').next().unwrap() {
+            "html" => "text/html",
+            "js" => "text/javascript",
+            "css" => "text/css",
+            "svg" => "image/svg+xml",
+            _ => "text/plain",
+        };
+        assert!(content_type.starts_with(expected_type), "{name}: {content_type}");
+    }
+    let index = get("/ui/", "text/html").await.unwrap();
+    assert_eq!(index.status(), 200);
+    let html = index.text().await.unwrap();
+    assert!(
+        html.contains("src=\"app.js\"") && html.contains("href=\"app.css\""),
+        "{html}"
+    );
+    // No inline script: the policy would refuse it.
+    assert!(!html.contains("<script>"), "{html}");
+
+    // The policy allows nothing from other origins, no inline script, no eval, no framing.
+    let policy = paddock_console::ui::CONTENT_SECURITY_POLICY;
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self';",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(policy.contains(directive), "{policy} lacks {directive}");
+    }
+    assert!(!policy.contains("unsafe") && !policy.contains("http"), "{policy}");
+
+    // Unknown files are JSON 404s; /ui goes to /ui/.
+    expect_error(
+        get("/ui/nothing.js", "*/*").await.unwrap(),
+        404,
+        "NotFound",
+        "no file nothing.js",
+    )
+    .await;
+    let redirect = get("/ui", "text/html").await.unwrap();
+    assert!(redirect.status().is_redirection());
+    assert_eq!(redirect.headers()[reqwest::header::LOCATION], "/ui/");
+
+    // A browser at the bare address lands on the console: on the sign-in page without a token,
+    // signed in (token in the fragment, never in a request) with the right one; an API client
+    // still gets JSON, and a wrong token is still refused.
+    let bare = get("/", "text/html,application/xhtml+xml").await.unwrap();
+    assert_eq!(bare.headers()[reqwest::header::LOCATION], "/ui/");
+    let signed_in = get(&format!("/?token={TOKEN}"), "text/html").await.unwrap();
+    assert_eq!(
+        signed_in.headers()[reqwest::header::LOCATION],
+        format!("/ui/#token={TOKEN}")
+    );
+    expect_error(
+        get("/?token=wrong-token-0123456789", "application/json")
+            .await
+            .unwrap(),
+        401,
+        "Unauthorized",
+        "wrong",
+    )
+    .await;
+    let links = server.get_json("/").await;
+    assert_eq!(links["ui"], "/ui/");
+}

@@ -76,6 +76,7 @@ pub fn run(arguments: &ServeArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     tokio.block_on(paddock_console::serve(options, |info| {
         println!("paddock serve: {}", info.login_url());
+        println!("  web console: {}", paddock_console::ui::console_url(info));
         println!(
             "  the vm and snapshot commands find this server through serve.json in the state directory;"
         );

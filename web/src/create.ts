@@ -1,0 +1,246 @@
+// The create wizard: image, resources, cloud-init, review. The YAML on the right is exactly the
+// body POSTed to /api/v1/vms, so what the user reviews is what the server receives.
+
+import { Vm, request } from "./api";
+import { h, replaceChildren } from "./dom";
+import { store } from "./store";
+import { Page, withProgress } from "./ui";
+import { toYaml } from "./yaml";
+
+const NAME_PATTERN = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
+const QUANTITY_PATTERN = /^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$/;
+
+type ImageKind = "registry" | "file" | "oci";
+
+interface Draft {
+  name: string;
+  namespace: string;
+  displayName: string;
+  imageKind: ImageKind;
+  image: string;
+  cpu: string;
+  memory: string;
+  diskSize: string;
+  userData: string;
+  sshKey: string;
+  startNow: boolean;
+}
+
+/** The VirtualMachineApp a draft describes. */
+export function manifestOf(draft: Draft): Record<string, unknown> {
+  const prefix = draft.imageKind === "file" ? "file:" : draft.imageKind === "oci" ? "oci:" : "";
+  const image = draft.image.trim();
+  const spec: Record<string, unknown> = {};
+  if (draft.displayName.trim()) spec.displayName = draft.displayName.trim();
+  spec.image = { containerDisk: image && !image.startsWith(prefix) ? prefix + image : image };
+  spec.resources = { cpu: Number(draft.cpu) || 1, memory: draft.memory.trim() };
+  if (draft.diskSize.trim()) spec.disk = { size: draft.diskSize.trim() };
+  const cloudInit: Record<string, unknown> = {};
+  if (draft.userData.trim()) cloudInit.userData = draft.userData.endsWith("\n") ? draft.userData : `${draft.userData}\n`;
+  const keys = draft.sshKey.split("\n").map((key) => key.trim()).filter(Boolean);
+  if (keys.length) cloudInit.sshKeys = keys;
+  if (Object.keys(cloudInit).length) spec.cloudInit = cloudInit;
+  spec.runStrategy = draft.startNow ? "Always" : "Halted";
+  const metadata: Record<string, unknown> = { name: draft.name.trim() };
+  if (draft.namespace.trim() && draft.namespace.trim() !== "default") metadata.namespace = draft.namespace.trim();
+  return { apiVersion: "paddock.dev/v1alpha1", kind: "VirtualMachineApp", metadata, spec };
+}
+
+/** Problems with one step of the draft, as messages per field id. */
+function problems(draft: Draft, step: number): Record<string, string> {
+  const found: Record<string, string> = {};
+  if (step === 0) {
+    if (!NAME_PATTERN.test(draft.name.trim())) found["vm-name"] = "Use 1–63 lowercase letters, digits and '-', starting and ending with a letter or digit.";
+    if (draft.namespace.trim() && !NAME_PATTERN.test(draft.namespace.trim())) found["vm-namespace"] = "Same rules as the name.";
+    if (!draft.image.trim()) {
+      found["vm-image"] =
+        draft.imageKind === "registry"
+          ? "Give an image reference, e.g. quay.io/containerdisks/debian:12."
+          : draft.imageKind === "file"
+            ? "Give the path of a disk file on the machine running paddock serve."
+            : "Give the path of an OCI layout directory, optionally with :tag.";
+    }
+  }
+  if (step === 1) {
+    const cpu = Number(draft.cpu);
+    if (!Number.isInteger(cpu) || cpu < 1 || cpu > 64) found["vm-cpu"] = "Between 1 and 64 virtual CPUs.";
+    if (!QUANTITY_PATTERN.test(draft.memory.trim())) found["vm-memory"] = "A size such as 512Mi or 2Gi.";
+    if (draft.diskSize.trim() && !QUANTITY_PATTERN.test(draft.diskSize.trim())) found["vm-disk"] = "A size such as 10Gi, or empty for the image's size.";
+  }
+  if (step === 2) {
+    for (const key of draft.sshKey.split("\n").map((line) => line.trim()).filter(Boolean)) {
+      if (!/^(ssh-|ecdsa-|sk-)/.test(key)) found["vm-ssh"] = "Each line must be an OpenSSH public key (ssh-ed25519 …, ssh-rsa …, ecdsa-…).";
+    }
+  }
+  return found;
+}
+
+const STEPS = ["Image", "Resources", "Cloud-init", "Review"];
+
+export const createPage: Page = (root) => {
+  const draft: Draft = {
+    name: "",
+    namespace: "default",
+    displayName: "",
+    imageKind: "registry",
+    image: "",
+    cpu: "1",
+    memory: "1Gi",
+    diskSize: "",
+    userData: "",
+    sshKey: "",
+    startNow: true,
+  };
+  let step = 0;
+  const preview = h("pre", { class: "yaml", id: "yaml-preview", tabindex: 0, "aria-label": "The VirtualMachineApp that will be created" });
+  const errorArea = h("div", {});
+  const stepper = h("ol", { class: "stepper" });
+  const stepArea = h("div", { class: "step" });
+  const back = h("button", { type: "button", id: "wizard-back" }, "Back");
+  const next = h("button", { type: "submit", class: "primary", id: "wizard-next" }, "Next");
+
+  const field = (
+    id: string,
+    label: string,
+    input: HTMLInputElement | HTMLTextAreaElement | HTMLSelectElement,
+    help: string,
+    key: keyof Draft,
+  ): HTMLElement => {
+    input.id = id;
+    input.setAttribute("aria-describedby", `${id}-help ${id}-problem`);
+    const value = draft[key];
+    if (input instanceof HTMLInputElement && input.type === "checkbox") input.checked = Boolean(value);
+    else input.value = String(value);
+    input.addEventListener("input", () => {
+      (draft as unknown as Record<string, unknown>)[key] =
+        input instanceof HTMLInputElement && input.type === "checkbox" ? input.checked : input.value;
+      updatePreview();
+    });
+    return h(
+      "div",
+      { class: "field" },
+      h("label", { for: id }, label),
+      input,
+      h("div", { class: "help", id: `${id}-help` }, help),
+      h("div", { class: "problem", id: `${id}-problem`, role: "alert" }),
+    );
+  };
+
+  const updatePreview = (): void => {
+    preview.textContent = toYaml(manifestOf(draft));
+  };
+
+  const renderStep = (): void => {
+    replaceChildren(
+      stepper,
+      STEPS.map((title, index) =>
+        h("li", { class: index === step ? "current" : index < step ? "done" : "", "aria-current": index === step ? "step" : null }, `${index + 1}. ${title}`),
+      ),
+    );
+    back.disabled = step === 0;
+    next.textContent = step === STEPS.length - 1 ? "Create" : "Next";
+    next.id = step === STEPS.length - 1 ? "wizard-create" : "wizard-next";
+    let content: HTMLElement[];
+    if (step === 0) {
+      const kind = h(
+        "select",
+        {},
+        h("option", { value: "registry" }, "Registry image (containerDisk reference)"),
+        h("option", { value: "file" }, "Disk file on this machine (file:)"),
+        h("option", { value: "oci" }, "OCI layout on this machine (oci:)"),
+      );
+      content = [
+        field("vm-name", "Name", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false" }), "Lowercase letters, digits and '-'; the VM's name everywhere.", "name"),
+        field("vm-namespace", "Namespace", h("input", { type: "text", autocomplete: "off" }), "Groups VMs; 'default' unless you need another.", "namespace"),
+        field("vm-display-name", "Display name (optional)", h("input", { type: "text" }), "What people see, e.g. 'Debian 12'.", "displayName"),
+        field("vm-image-kind", "Image source", kind, "The local backend boots registry images, disk files (qcow2, raw, …) and OCI layouts made by paddock package.", "imageKind"),
+        field("vm-image", "Image", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false", placeholder: "quay.io/containerdisks/debian:12" }), "A reference such as registry.example.com/vms/debian:12, or a path such as /srv/disks/debian.qcow2.", "image"),
+      ];
+      kind.addEventListener("change", () => {
+        draft.imageKind = kind.value as ImageKind;
+        const image = stepArea.querySelector<HTMLInputElement>("#vm-image");
+        if (image) image.placeholder = draft.imageKind === "registry" ? "quay.io/containerdisks/debian:12" : draft.imageKind === "file" ? "/srv/disks/debian.qcow2" : "/srv/images/debian-oci:12";
+        updatePreview();
+      });
+    } else if (step === 1) {
+      content = [
+        field("vm-cpu", "Virtual CPUs", h("input", { type: "number", min: 1, max: 64, step: 1 }), "How many CPUs the guest sees.", "cpu"),
+        field("vm-memory", "Memory", h("input", { type: "text", list: "memory-sizes" }), "e.g. 512Mi, 2Gi.", "memory"),
+        h("datalist", { id: "memory-sizes" }, ["256Mi", "512Mi", "1Gi", "2Gi", "4Gi", "8Gi"].map((size) => h("option", { value: size }))),
+        field("vm-disk", "Disk size (optional)", h("input", { type: "text", placeholder: "10Gi" }), "Grows the image's disk to this size; empty keeps the image's size.", "diskSize"),
+        field("vm-start", "Start now", h("input", { type: "checkbox" }), "Unchecked creates the VM stopped (runStrategy Halted).", "startNow"),
+      ];
+    } else if (step === 2) {
+      content = [
+        field("vm-user-data", "Cloud-init user data (optional)", h("textarea", { rows: 10, spellcheck: "false", placeholder: "#cloud-config\npackages: [htop]" }), "Handed to the guest as a NoCloud seed, like KubeVirt's cloudInitNoCloud.", "userData"),
+        field("vm-ssh", "SSH public keys (optional)", h("textarea", { rows: 3, spellcheck: "false", placeholder: "ssh-ed25519 AAAA… you@laptop" }), "One key per line; cloud-init adds them to the default user.", "sshKey"),
+      ];
+    } else {
+      content = [
+        h("p", {}, "paddock will POST the VirtualMachineApp shown on the right. ", draft.startNow ? "It starts as soon as its disk is ready." : "It stays stopped until you start it."),
+        h("p", { class: "muted" }, "The same manifest works with `paddock vm create -f` and on a cluster with the paddock operator."),
+      ];
+    }
+    replaceChildren(stepArea, h("h2", {}, STEPS[step]), content);
+    stepArea.querySelector<HTMLElement>("input, select, textarea")?.focus();
+    updatePreview();
+  };
+
+  const showProblems = (found: Record<string, string>): boolean => {
+    for (const element of stepArea.querySelectorAll<HTMLElement>(".problem")) element.textContent = "";
+    for (const [id, message] of Object.entries(found)) {
+      const target = stepArea.querySelector(`#${id}-problem`);
+      if (target) target.textContent = message;
+      stepArea.querySelector(`#${id}`)?.setAttribute("aria-invalid", "true");
+    }
+    const first = Object.keys(found)[0];
+    if (first) stepArea.querySelector<HTMLElement>(`#${first}`)?.focus();
+    return first === undefined;
+  };
+
+  const form = h(
+    "form",
+    { class: "wizard", novalidate: true, "aria-label": "Create a virtual machine" },
+    stepper,
+    stepArea,
+    errorArea,
+    h("div", { class: "actions" }, back, next),
+  );
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (!showProblems(problems(draft, step))) return;
+    if (step < STEPS.length - 1) {
+      step += 1;
+      renderStep();
+      return;
+    }
+    for (let index = 0; index < STEPS.length - 1; index += 1) {
+      const found = problems(draft, index);
+      if (Object.keys(found).length) {
+        step = index;
+        renderStep();
+        showProblems(found);
+        return;
+      }
+    }
+    const yaml = toYaml(manifestOf(draft));
+    void withProgress(next, "Creating (preparing the disk)…", async () => {
+      const vm = await request<Vm>("POST", "/api/v1/vms", { text: yaml, contentType: "application/yaml" });
+      store.put(vm);
+      location.hash = `#/vm/${encodeURIComponent(vm.namespace)}/${encodeURIComponent(vm.name)}`;
+    }, errorArea);
+  });
+  back.addEventListener("click", () => {
+    if (step > 0) {
+      step -= 1;
+      renderStep();
+    }
+  });
+
+  replaceChildren(
+    root,
+    h("div", { class: "page-head" }, h("h1", {}, "Create a virtual machine")),
+    h("div", { class: "two-columns" }, form, h("section", { class: "preview", "aria-label": "Manifest preview" }, h("h2", {}, "VirtualMachineApp"), preview)),
+  );
+  renderStep();
+};
