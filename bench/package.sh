@@ -327,11 +327,13 @@ free_port() {
 
 # A fresh docker-registry (empty storage, new port) so no contender finds blobs left by another.
 start_registry() {
-    local dir port
+    local dir port attempt
     dir=$(mktemp -d "$WORK/registry.XXXXXX")
     REGISTRY_DIR=$dir
-    port=$(free_port)
-    cat >"$dir/config.yml" <<EOF
+    # A free port can be taken by another process before the registry binds it: try a few.
+    for attempt in 1 2 3 4 5; do
+        port=$(free_port)
+        cat >"$dir/config.yml" <<EOF
 version: 0.1
 log:
   level: warn
@@ -345,13 +347,16 @@ storage:
 http:
   addr: 127.0.0.1:$port
 EOF
-    docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
-    REGISTRY_PID=$!
-    REGISTRY=127.0.0.1:$port
-    for _ in $(seq 1 100); do
-        curl -fsS -o /dev/null "http://$REGISTRY/v2/" 2>/dev/null && return 0
-        kill -0 "$REGISTRY_PID" 2>/dev/null || break
-        sleep 0.1
+        docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
+        REGISTRY_PID=$!
+        REGISTRY=127.0.0.1:$port
+        for _ in $(seq 1 100); do
+            curl -fsS -o /dev/null "http://$REGISTRY/v2/" 2>/dev/null && return 0
+            kill -0 "$REGISTRY_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        grep -q "address already in use" "$dir/log" || break
+        say "docker-registry: port $port was taken (attempt $attempt), trying another"
     done
     cat "$dir/log" >&2
     die "docker-registry did not start on $REGISTRY"

@@ -89,7 +89,7 @@ pub struct PushArgs {
     #[command(flatten)]
     pub registry: RegistryFlags,
     /// Upload chunk size in MiB; 0 sends each blob in one request (which cannot resume mid-blob).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     pub chunk_size_mib: u64,
     /// How many blobs upload at the same time.
     #[arg(long, default_value_t = 4)]

@@ -30,7 +30,7 @@ use super::{BlobPhase, BlobProgress, RegistryError, RegistryOptions, Result, Tra
 use crate::{ANNOTATION_CONTAINERD_IMAGE_NAME, ANNOTATION_REF_NAME, MEDIA_TYPE_INDEX};
 
 /// Default upload chunk size: see the crate README ("Registry") for the measurement behind it.
-pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 20;
+pub const DEFAULT_CHUNK_SIZE: u64 = 256 << 20;
 
 /// How much of a blob file is read per buffer, and how many buffers may wait for the socket.
 const READ_BUFFER: usize = 1 << 20;
@@ -46,7 +46,7 @@ pub struct PushOptions {
     /// Upload chunk size in bytes: each blob is sent as PATCH requests of at most this many bytes,
     /// and an interrupted push resumes at the last acknowledged chunk. `None` (or 0) sends each
     /// blob in a single streamed PATCH, which cannot resume mid-blob. Default
-    /// [`DEFAULT_CHUNK_SIZE`] (64 MiB).
+    /// [`DEFAULT_CHUNK_SIZE`] (256 MiB).
     pub chunk_size: Option<u64>,
     /// Which image of the layout's `index.json` to push when it lists several, matched against
     /// the `org.opencontainers.image.ref.name` / `io.containerd.image.name` annotations (the
