@@ -15,6 +15,8 @@ import { store } from "./store";
 import { Page, errorBox } from "./ui";
 
 const RECONNECT_DELAY_MS = 2000;
+// Time between the keys of pasted text (see typePaste).
+const PASTE_KEY_INTERVAL_MS = 30;
 
 /** X11 keysyms for the keys the toolbar sends. */
 const KEYSYM = {
@@ -131,11 +133,26 @@ export const vncPage: Page = (root, [namespace, name]) => {
     return element;
   };
 
-  const typePaste = (): void => {
+  // Keys are paced: a burst overflows the guest's keyboard queue (QEMU drops PS/2 scancodes when a
+  // slow or busy guest does not drain its 16-entry queue), and pasted text arrives with gaps.
+  const typePaste = async (): Promise<void> => {
     if (!rfb) return;
-    for (const character of pasteText.value) {
-      const shifted = SHIFTED.has(character);
-      tap(shifted ? [KEYSYM.shift, keysymOf(character)] : [keysymOf(character)]);
+    const typeButton = document.getElementById("paste-type") as HTMLButtonElement | null;
+    const characters = [...pasteText.value];
+    if (typeButton) typeButton.disabled = true;
+    try {
+      for (const [index, character] of characters.entries()) {
+        if (!rfb) return;
+        const shifted = SHIFTED.has(character);
+        tap(shifted ? [KEYSYM.shift, keysymOf(character)] : [keysymOf(character)]);
+        if (typeButton) typeButton.textContent = `Typing ${index + 1}/${characters.length}`;
+        await new Promise((resolve) => setTimeout(resolve, PASTE_KEY_INTERVAL_MS));
+      }
+    } finally {
+      if (typeButton) {
+        typeButton.disabled = false;
+        typeButton.textContent = "Type it";
+      }
     }
   };
 
@@ -185,7 +202,7 @@ export const vncPage: Page = (root, [namespace, name]) => {
       h("summary", {}, "Paste as keystrokes"),
       h("p", { class: "help" }, "The text is typed into the VM key by key (US keyboard layout), for guests without clipboard sharing."),
       pasteText,
-      button("Type it", "paste-type", typePaste),
+      button("Type it", "paste-type", () => void typePaste()),
     ),
   );
   connect();

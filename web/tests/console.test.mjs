@@ -266,6 +266,9 @@ async function run(scratch) {
       await page.click("details.paste summary");
       await page.fill("#paste-text", "echo PASTED-$((3*4)) > /tmp/pasted\n");
       await page.click("#paste-type");
+      // Typing is paced; a user stays on the page until it is done (and the guest has read it).
+      await page.locator("#paste-type:enabled", { hasText: "Type it" }).waitFor({ timeout: 30000 });
+      await page.waitForTimeout(1000);
     });
 
     // The list, now with the VM and its thumbnail.
