@@ -11,4 +11,5 @@ pub mod registry;
 pub mod schema;
 pub mod testdisk;
 pub mod vncdotool;
+pub mod world;
 pub mod zarf;

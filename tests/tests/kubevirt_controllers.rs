@@ -9,51 +9,23 @@
 // Test code: a failed unwrap is a failed test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use paddock_tests::cluster::Cluster;
 use paddock_tests::registry::{Registry, RegistryAuth};
+use paddock_tests::world::{
+    allow_insecure_registry, api_resource, cdi_configs, data_volumes, virtual_machine_instances,
+    virtual_machine_snapshots, virtual_machines,
+};
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
-}
-
-fn virtual_machines() -> ApiResource {
-    resource("kubevirt.io", "v1", "VirtualMachine", "virtualmachines")
-}
-fn virtual_machine_instances() -> ApiResource {
-    resource(
-        "kubevirt.io",
-        "v1",
-        "VirtualMachineInstance",
-        "virtualmachineinstances",
-    )
-}
-fn data_volumes() -> ApiResource {
-    resource("cdi.kubevirt.io", "v1beta1", "DataVolume", "datavolumes")
-}
-fn cdi_configs() -> ApiResource {
-    resource("cdi.kubevirt.io", "v1beta1", "CDIConfig", "cdiconfigs")
-}
-fn snapshots() -> ApiResource {
-    resource(
-        "snapshot.kubevirt.io",
-        "v1beta1",
-        "VirtualMachineSnapshot",
-        "virtualmachinesnapshots",
-    )
-}
 fn snapshot_contents() -> ApiResource {
-    resource(
+    api_resource(
         "snapshot.kubevirt.io",
         "v1beta1",
         "VirtualMachineSnapshotContent",
@@ -61,7 +33,7 @@ fn snapshot_contents() -> ApiResource {
     )
 }
 fn restores() -> ApiResource {
-    resource(
+    api_resource(
         "snapshot.kubevirt.io",
         "v1beta1",
         "VirtualMachineRestore",
@@ -69,7 +41,7 @@ fn restores() -> ApiResource {
     )
 }
 fn exports() -> ApiResource {
-    resource(
+    api_resource(
         "export.kubevirt.io",
         "v1beta1",
         "VirtualMachineExport",
@@ -77,7 +49,7 @@ fn exports() -> ApiResource {
     )
 }
 fn clones() -> ApiResource {
-    resource(
+    api_resource(
         "clone.kubevirt.io",
         "v1beta1",
         "VirtualMachineClone",
@@ -221,81 +193,21 @@ fn condition<'a>(object: &'a Value, kind: &str) -> &'a Value {
 }
 
 fn run(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|error| panic!("{command:?}: {error}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    paddock_tests::world::run(command).unwrap()
 }
 
-/// The `paddock` CLI, built once per test process (or `PADDOCK_BINARY`).
 fn paddock_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        if let Some(path) = std::env::var_os("PADDOCK_BINARY") {
-            return PathBuf::from(path);
-        }
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let output = run(Command::new(cargo)
-            .current_dir(paddock_tests::paths::repository_root())
-            .args([
-                "build",
-                "-p",
-                "paddock",
-                "--bin",
-                "paddock",
-                "--message-format=json-render-diagnostics",
-            ]));
-        output
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|message| {
-                message["reason"] == "compiler-artifact" && message["target"]["name"] == "paddock"
-            })
-            .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reported no paddock executable")
-    })
+    paddock_tests::world::paddock_binary().unwrap()
 }
 
 fn qemu_img(arguments: &[&str]) -> String {
     run(Command::new("qemu-img").args(arguments))
 }
 
-/// Lets the simulated importer pull from `registry` over plain HTTP (CDIConfig
-/// `spec.insecureRegistries`), keeping entries other tests added.
 async fn allow_insecure(world: &World, registry: &str) {
-    let api: Api<DynamicObject> = Api::all_with(world.client.clone(), &cdi_configs());
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let Some(mut config) = api.get_opt("config").await.unwrap() else {
-            assert!(
-                Instant::now() < deadline,
-                "the simulator never created CDIConfig config"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let mut registries: Vec<Value> = config.data["spec"]["insecureRegistries"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        if registries.contains(&json!(registry)) {
-            return;
-        }
-        registries.push(json!(registry));
-        config.data["spec"]["insecureRegistries"] = json!(registries);
-        // The resourceVersion makes a concurrent edit fail with 409 instead of being lost.
-        match api.replace("config", &PostParams::default(), &config).await {
-            Ok(_) => return,
-            Err(kube::Error::Api(status)) if status.code == 409 => continue,
-            Err(error) => panic!("cannot update CDIConfig config: {error}"),
-        }
-    }
+    allow_insecure_registry(&world.client, registry, TIMEOUT)
+        .await
+        .unwrap();
 }
 
 /// A 1Gi DataVolume `name` filled from `source` (CDI's `spec.source`).
@@ -761,7 +673,7 @@ async fn snapshot_then_restore_brings_the_old_spec_back() {
     create_vm(&world, "origin", "Halted", "Stopped").await;
     world
         .create(
-            &snapshots(),
+            &virtual_machine_snapshots(),
             json!({
                 "apiVersion": "snapshot.kubevirt.io/v1beta1",
                 "kind": "VirtualMachineSnapshot",
@@ -771,7 +683,7 @@ async fn snapshot_then_restore_brings_the_old_spec_back() {
         )
         .await;
     let snapshot = world
-        .wait(&snapshots(), "before", "ready", |object| {
+        .wait(&virtual_machine_snapshots(), "before", "ready", |object| {
             object.and_then(|object| object.pointer("/status/readyToUse")) == Some(&json!(true))
         })
         .await
@@ -954,7 +866,7 @@ async fn clone_creates_a_target_vm_with_new_identity() {
     // The temporary snapshot and restore are gone, the source is untouched.
     let uid = clone["metadata"]["uid"].as_str().unwrap();
     world
-        .wait_deleted(&snapshots(), &format!("tmp-snapshot-{uid}"))
+        .wait_deleted(&virtual_machine_snapshots(), &format!("tmp-snapshot-{uid}"))
         .await;
     world
         .wait_deleted(&restores(), &format!("tmp-restore-{uid}"))

@@ -69,6 +69,11 @@ enum Command {
     ///
     /// Example: `paddock snapshot create debian before-upgrade --memory`
     Snapshot(crate::vm::SnapshotArgs),
+    /// Run the Kubernetes operator: VirtualMachineApps become DataVolumes, VirtualMachines and
+    /// BafflesApplications (leader-elected; /healthz, /readyz and /metrics on --listen).
+    ///
+    /// Example: `paddock operator --namespace vms --console-gateway-url wss://console.example.com`
+    Operator(crate::operator::OperatorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +108,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Serve(arguments) => crate::serve::run(&arguments),
         Command::Vm(arguments) => crate::vm::run_vm(&arguments),
         Command::Snapshot(arguments) => crate::vm::run_snapshot(&arguments),
+        Command::Operator(arguments) => crate::operator::run(&arguments),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

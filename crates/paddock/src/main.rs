@@ -2,6 +2,7 @@
 
 mod cli;
 mod disk_input;
+mod operator;
 mod package;
 mod progress;
 mod registry_flags;

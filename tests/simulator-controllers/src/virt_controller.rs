@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use paddock_api::cdi::datavolume::DataVolume;
@@ -49,16 +50,33 @@ pub(crate) async fn run(client: Client) -> Result<(), Error> {
     let context = Arc::new(Context {
         client: client.clone(),
     });
-    let vms = Controller::new(
+    let vm_controller = Controller::new(
         Api::<VirtualMachine>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .owns(
-        Api::<VirtualMachineInstance>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(Api::<DataVolume>::all(client.clone()), watcher::Config::default())
-    .run(reconcile_vm, retry_on_error, context.clone());
+    );
+    let vm_store = vm_controller.store();
+    // A DataVolume wakes every VM whose volumes name it, as KubeVirt finds VMs by volume reference:
+    // the DataVolume need not be the VM's own (paddock's operator owns it through its app).
+    let vms = vm_controller
+        .owns(
+            Api::<VirtualMachineInstance>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .watches(
+            Api::<DataVolume>::all(client.clone()),
+            watcher::Config::default(),
+            move |data_volume: DataVolume| {
+                let name = data_volume.name_any();
+                let namespace = data_volume.namespace();
+                vm_store
+                    .state()
+                    .into_iter()
+                    .filter(|vm| vm.namespace() == namespace && volume_claims(vm).contains(&name))
+                    .map(|vm| ObjectRef::from_obj(&*vm))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .run(reconcile_vm, retry_on_error, context.clone());
     let vmis = Controller::new(
         Api::<VirtualMachineInstance>::all(client),
         watcher::Config::default(),
@@ -68,6 +86,12 @@ pub(crate) async fn run(client: Client) -> Result<(), Error> {
         result = drive("virt-controller (virtualmachines)", vms) => result,
         result = drive("virt-controller (virtualmachineinstances)", vmis) => result,
     }
+}
+
+/// The DataVolume/PVC names the VM's volumes refer to.
+fn volume_claims(vm: &VirtualMachine) -> Vec<String> {
+    let template = serde_json::to_value(&vm.spec.template).unwrap_or(Value::Null);
+    claim_names(template.pointer("/spec/volumes"))
 }
 
 /// The VM's run strategy, with the deprecated `running` mapped as KubeVirt does.

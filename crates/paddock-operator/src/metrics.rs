@@ -1,0 +1,162 @@
+//! Prometheus metrics of the operator, served at `/metrics` in the OpenMetrics text format.
+//!
+//! Contract:
+//! - `paddock_operator_reconciles_total{controller,result}` (`result`: `ok` or `error`);
+//! - `paddock_operator_reconcile_duration_seconds{controller}` (histogram);
+//! - `paddock_operator_reconcile_errors_total{controller,category}` (`category`: `kubernetes`
+//!   for API errors, `conflict` for server-side apply conflicts, `invalid` for specs that cannot be
+//!   built, `serialization`);
+//! - `paddock_operator_queue_depth{controller}`: objects whose reconcile is running or waiting for a
+//!   retry after an error. kube-runtime's scheduler does not expose its queue, so objects triggered
+//!   but not yet started are not counted; a growing value still shows a controller falling behind;
+//! - `paddock_operator_leader` (1 while this replica leads).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    controller: String,
+    result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerLabels {
+    controller: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    controller: String,
+    category: String,
+}
+
+/// The operator's metrics; clones share the same series.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    reconciles: Family<ResultLabels, Counter>,
+    durations: Family<ControllerLabels, Histogram>,
+    errors: Family<ErrorLabels, Counter>,
+    queue_depth: Family<ControllerLabels, Gauge>,
+    leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+}
+
+impl Metrics {
+    /// Empty metrics, registered.
+    pub fn new() -> Metrics {
+        Metrics::new_with(|_| ())
+    }
+
+    /// Empty metrics, registered, with `register` adding other series (the admission webhooks') to
+    /// the same registry, so one `/metrics` serves them all.
+    pub fn new_with(register: impl FnOnce(&mut Registry)) -> Metrics {
+        let mut registry = Registry::default();
+        register(&mut registry);
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        let durations = Family::<ControllerLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let queue_depth = Family::<ControllerLabels, Gauge>::default();
+        let leader = Gauge::default();
+        registry.register(
+            "paddock_operator_reconciles",
+            "Reconciles by controller and result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "paddock_operator_reconcile_duration_seconds",
+            "How long reconciles take, by controller",
+            durations.clone(),
+        );
+        registry.register(
+            "paddock_operator_reconcile_errors",
+            "Failed reconciles by controller and error category",
+            errors.clone(),
+        );
+        registry.register(
+            "paddock_operator_queue_depth",
+            "Objects being reconciled or waiting for a retry, by controller",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "paddock_operator_leader",
+            "1 while this replica is the leader",
+            leader.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            reconciles,
+            durations,
+            errors,
+            queue_depth,
+            leader,
+        }
+    }
+
+    /// A reconcile of `controller` ended after `elapsed`; `error_category` is set when it failed.
+    pub fn reconcile_finished(&self, controller: &str, elapsed: Duration, error_category: Option<&str>) {
+        let labels = ControllerLabels {
+            controller: controller.to_owned(),
+        };
+        self.durations
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        self.reconciles
+            .get_or_create(&ResultLabels {
+                controller: controller.to_owned(),
+                result: if error_category.is_some() { "error" } else { "ok" }.to_owned(),
+            })
+            .inc();
+        if let Some(category) = error_category {
+            self.errors
+                .get_or_create(&ErrorLabels {
+                    controller: controller.to_owned(),
+                    category: category.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    /// Sets the number of objects of `controller` being reconciled or waiting for a retry.
+    pub fn set_queue_depth(&self, controller: &str, depth: usize) {
+        self.queue_depth
+            .get_or_create(&ControllerLabels {
+                controller: controller.to_owned(),
+            })
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
