@@ -14,7 +14,7 @@
 //! set back.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
 use kube::{
@@ -50,22 +50,13 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// Reconciles one VirtualMachineApp.
 #[tracing::instrument(skip_all, fields(app = %app.name_any(), namespace = app.namespace().unwrap_or_default()))]
 pub async fn reconcile(app: Arc<VirtualMachineApp>, context: Arc<Context>) -> Result<Action, ReconcileError> {
-    let started = Instant::now();
-    let key = ObjectRef::from_obj(app.as_ref()).erase();
-    context.queue.started(CONTROLLER, &key, &context.metrics);
-    let outcome = reconcile_inner(&app, &context).await;
-    context.metrics.reconcile_finished(
+    crate::observed(
         CONTROLLER,
-        started.elapsed(),
-        outcome.as_ref().err().map(ReconcileError::category),
-    );
-    context
-        .queue
-        .finished(CONTROLLER, &key, outcome.is_ok(), &context.metrics);
-    if let Err(error) = &outcome {
-        tracing::warn!(%error, "reconcile failed; retrying with backoff");
-    }
-    outcome
+        app.as_ref(),
+        &context,
+        reconcile_inner(&app, &context),
+    )
+    .await
 }
 
 async fn reconcile_inner(app: &VirtualMachineApp, context: &Context) -> Result<Action, ReconcileError> {

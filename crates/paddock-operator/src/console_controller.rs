@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
@@ -81,22 +80,7 @@ pub fn desired_listing(vm: &VirtualMachine, gateway_url: &str) -> Option<Baffles
 /// Reconciles one VirtualMachine.
 #[tracing::instrument(skip_all, fields(vm = %vm.name_any(), namespace = vm.namespace().unwrap_or_default()))]
 pub async fn reconcile(vm: Arc<VirtualMachine>, context: Arc<Context>) -> Result<Action, ReconcileError> {
-    let started = Instant::now();
-    let key = ObjectRef::from_obj(vm.as_ref()).erase();
-    context.queue.started(CONTROLLER, &key, &context.metrics);
-    let outcome = reconcile_inner(&vm, &context).await;
-    context.metrics.reconcile_finished(
-        CONTROLLER,
-        started.elapsed(),
-        outcome.as_ref().err().map(ReconcileError::category),
-    );
-    context
-        .queue
-        .finished(CONTROLLER, &key, outcome.is_ok(), &context.metrics);
-    if let Err(error) = &outcome {
-        tracing::warn!(%error, "reconcile failed; retrying with backoff");
-    }
-    outcome
+    crate::observed(CONTROLLER, vm.as_ref(), &context, reconcile_inner(&vm, &context)).await
 }
 
 async fn reconcile_inner(vm: &VirtualMachine, context: &Context) -> Result<Action, ReconcileError> {

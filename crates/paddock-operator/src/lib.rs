@@ -267,6 +267,32 @@ pub struct Context {
     queue: QueueTracker,
 }
 
+/// Runs one reconcile with the bookkeeping every controller shares: the queue tracker, the reconcile
+/// metrics (duration, error category) and a warning when it fails (the error policy retries it).
+async fn observed<K: Resource<DynamicType = ()>>(
+    controller: &'static str,
+    object: &K,
+    context: &Context,
+    reconcile: impl Future<Output = Result<Action, ReconcileError>>,
+) -> Result<Action, ReconcileError> {
+    let started = std::time::Instant::now();
+    let key = ObjectRef::from_obj(object).erase();
+    context.queue.started(controller, &key, &context.metrics);
+    let outcome = reconcile.await;
+    context.metrics.reconcile_finished(
+        controller,
+        started.elapsed(),
+        outcome.as_ref().err().map(ReconcileError::category),
+    );
+    context
+        .queue
+        .finished(controller, &key, outcome.is_ok(), &context.metrics);
+    if let Err(error) = &outcome {
+        tracing::warn!(%error, "reconcile failed; retrying with backoff");
+    }
+    outcome
+}
+
 fn error_policy<K: Resource<DynamicType = ()>>(
     object: Arc<K>,
     _error: &ReconcileError,
