@@ -11,11 +11,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Built binaries (kube-apiserver, zarf) and the test disk are cached outside the checkout, so later runs
 # on the same machine (a fresh CI clone included) reuse them.
 export PADDOCK_CACHE_DIR=${PADDOCK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/paddock}
+# Incremental state would double the target directory's size for a single build; CI never rebuilds.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 
 started=$SECONDS
 step() {
   echo
-  echo "==> [$((SECONDS - started))s] $*"
+  # Free disk in every step header: CI machines are small, and a full disk fails in odd places.
+  echo "==> [$((SECONDS - started))s, $(df -h --output=avail . | tail -1 | tr -d ' ') free] $*"
 }
 
 step "system packages"

@@ -73,4 +73,9 @@ mv "$tmp" "$BIN_DIR"
 trap - EXIT
 rm -rf "$BIN_DIR.old.$$"
 log "build finished in $((SECONDS - t0))s (modules $((t1 - t0))s, compile $((SECONDS - t1))s)"
+# One-shot machines (CI) keep only the binaries: the Go caches are ~4 GB they would never reuse.
+if [[ "${PADDOCK_TRIM_BUILD_CACHES:-0}" == 1 ]]; then
+	go clean -cache -modcache
+	log "trimmed GOCACHE and GOMODCACHE (PADDOCK_TRIM_BUILD_CACHES=1)"
+fi
 echo "$BIN_DIR"

@@ -106,4 +106,9 @@ mv -f "$tmp" "$out"
 printf '%s\n' "$stamp" >"$tmp.stamp"
 mv -f "$tmp.stamp" "$stamp_file"
 log "built $out ($zarf_version) in $(elapsed "$t_start") total"
+# One-shot machines (CI) keep only the binary: the Go caches are gigabytes they would never reuse.
+if [[ "${PADDOCK_TRIM_BUILD_CACHES:-0}" == 1 ]]; then
+  go clean -cache -modcache
+  log "trimmed GOCACHE and GOMODCACHE (PADDOCK_TRIM_BUILD_CACHES=1)"
+fi
 printf '%s\n' "$out"
