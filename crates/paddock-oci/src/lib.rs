@@ -20,6 +20,7 @@
 mod extract;
 mod image;
 mod layout;
+mod parallel_gzip;
 pub mod registry;
 pub mod zarf;
 

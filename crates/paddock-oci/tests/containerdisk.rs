@@ -261,25 +261,27 @@ fn qcow2_and_raw_every_compression() {
 }
 
 #[test]
-fn zstd_output_independent_of_thread_count() {
+fn compressed_output_independent_of_thread_count() {
     let work = tempfile::tempdir().unwrap();
     let disk = raw(work.path());
-    let mut digests = Vec::new();
-    for threads in [1, 4] {
-        let o = ImageOptions {
-            zstd_threads: threads,
-            ..opts(Compression::Zstd)
-        };
-        let img = build_layout(
-            &disk,
-            &work.path().join(format!("t{threads}")),
-            &o,
-            &mut NoProgress,
-        )
-        .unwrap();
-        digests.push(img.layer.digest);
+    for compression in [Compression::Zstd, Compression::Gzip] {
+        let mut digests = Vec::new();
+        for threads in [1, 4] {
+            let o = ImageOptions {
+                compression_threads: threads,
+                ..opts(compression)
+            };
+            let img = build_layout(
+                &disk,
+                &work.path().join(format!("{compression:?}-{threads}")),
+                &o,
+                &mut NoProgress,
+            )
+            .unwrap();
+            digests.push(img.layer.digest);
+        }
+        assert_eq!(digests[0], digests[1], "{compression:?}");
     }
-    assert_eq!(digests[0], digests[1]);
 }
 
 #[test]
