@@ -22,3 +22,13 @@ if ! diff -r "$web_build" web/dist; then
   echo "check-generated: web/dist drifted from web/src; run 'cd web && npm ci && npm run build' and commit web/dist" >&2
   exit 1
 fi
+
+# The operator's Helm chart and zarf.yaml (`paddock chart`, built from crates/paddock-deploy):
+# regenerated into a scratch directory and compared with the committed deploy/chart and deploy/zarf.yaml.
+chart_build=$(mktemp -d)
+trap 'rm -rf "$web_build" "$chart_build"' EXIT
+cargo run --quiet --locked -p paddock -- chart --output "$chart_build/chart"
+if ! diff -r "$chart_build/chart" deploy/chart || ! diff "$chart_build/zarf.yaml" deploy/zarf.yaml; then
+  echo "check-generated: deploy/chart or deploy/zarf.yaml drifted from crates/paddock-deploy; run 'cargo run -p paddock -- chart --output deploy/chart' and commit both" >&2
+  exit 1
+fi

@@ -10,6 +10,8 @@ packages=(
   linux-image-amd64 busybox-static syslinux syslinux-common syslinux-efi mtools e2fsprogs fdisk cpio
   # images and registries
   skopeo docker-registry xz-utils zstd
+  # the operator image the Zarf package test builds (deploy/build-image.sh)
+  buildah
   # the Kubernetes control plane for integration tests (etcd and kube-apiserver are built from Go modules)
   openssl curl python3
   # vncdotool, the third-party VNC client the end-to-end tests drive, installs into a venv

@@ -62,7 +62,8 @@ for tool in "${CLUSTER_TOOLS[@]}"; do
 done
 
 "$tmp/kube-apiserver" --version >&2
-"$tmp/etcd" --version | head -1 >&2
+# (not `| head -1`: etcd would die of SIGPIPE under pipefail when head exits first)
+"$tmp/etcd" --version | sed -n 1p >&2
 echo "$stamp" >"$tmp/.stamp"
 chmod 0755 "$tmp"
 # Swap the finished directory in; readers never see a half-built bin/.

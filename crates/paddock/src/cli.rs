@@ -74,6 +74,11 @@ enum Command {
     ///
     /// Example: `paddock operator --namespace vms --console-gateway-url wss://console.example.com`
     Operator(crate::operator::OperatorArgs),
+    /// Write the operator's Helm chart (CRDs, RBAC, Deployment, Services, PodDisruptionBudget) and,
+    /// beside it, the operator's zarf.yaml.
+    ///
+    /// Example: `paddock chart --output deploy/chart`
+    Chart(crate::chart::ChartArgs),
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +114,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Vm(arguments) => crate::vm::run_vm(&arguments),
         Command::Snapshot(arguments) => crate::vm::run_snapshot(&arguments),
         Command::Operator(arguments) => crate::operator::run(&arguments),
+        Command::Chart(arguments) => crate::chart::run(&arguments),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! The `paddock` command line. `main` only parses arguments and hands over to [`cli`].
 
+mod chart;
 mod cli;
 mod disk_input;
 mod operator;
