@@ -11,6 +11,7 @@
 //!   survive the runtime and are re-attached by the next one.
 //! - [`qmp`] is the async QMP client every QEMU is driven through.
 
+pub mod backup;
 pub mod error;
 pub mod image;
 pub mod qemu;

@@ -17,6 +17,7 @@
 //!
 //! See the crate README for media types and why zstd is the default compression.
 
+pub mod backup;
 mod extract;
 mod image;
 mod layout;

@@ -74,6 +74,16 @@ enum Command {
     ///
     /// Example: `paddock operator --namespace vms --console-gateway-url wss://console.example.com`
     Operator(crate::operator::OperatorArgs),
+    /// Back local VMs up to a registry as containerDisk images with their VirtualMachineApp, list
+    /// the complete backups, restore one as a new or replacing VM.
+    ///
+    /// Example: `paddock backup create debian registry.example.com/backups/debian`
+    Backup(crate::backup::BackupArgs),
+    /// Upload a disk file into a new DataVolume through CDI's upload proxy (what `virtctl
+    /// image-upload` does), with size checks before sending and a progress bar.
+    ///
+    /// Example: `paddock upload debian-12.qcow2 --name debian-disk --size 12Gi`
+    Upload(crate::upload::UploadArgs),
     /// Write the operator's Helm chart (CRDs, RBAC, Deployment, Services, PodDisruptionBudget) and,
     /// beside it, the operator's zarf.yaml.
     ///
@@ -114,6 +124,8 @@ pub fn run() -> std::process::ExitCode {
         Command::Vm(arguments) => crate::vm::run_vm(&arguments),
         Command::Snapshot(arguments) => crate::vm::run_snapshot(&arguments),
         Command::Operator(arguments) => crate::operator::run(&arguments),
+        Command::Backup(arguments) => crate::backup::run(&arguments),
+        Command::Upload(arguments) => crate::upload::run(&arguments),
         Command::Chart(arguments) => crate::chart::run(&arguments),
     };
     match outcome {

@@ -23,7 +23,7 @@
 //! - the functions are async and need a tokio runtime (file reads run on its blocking pool).
 
 mod auth;
-mod client;
+pub(crate) mod client;
 pub(crate) mod manifest;
 mod pull;
 mod push;
