@@ -5,11 +5,18 @@
 //! Contract:
 //! - Routes are KubeVirt-flavoured and versioned under `/api/v1` (see the crate README and
 //!   [`crate::openapi::document`], which describes exactly the routes of [`served_routes`]).
-//! - Every route except `/healthz` and `/readyz` needs the access token (see [`crate::auth`]).
-//!   The web console's static files under `/ui/` ([`crate::ui`]) are public and not API routes.
+//! - Every route except `/healthz` and `/readyz` needs an authenticated caller (see
+//!   [`crate::auth`]): the access token locally, a Kubernetes user in a cluster; the backend acts
+//!   as that caller ([`Backend::acting_as`]). The web console's static files under `/ui/`
+//!   ([`crate::ui`]) are public and not API routes.
+//! - `/k8s/apis/subresources.kubevirt.io/{v1,v1alpha3}/namespaces/{ns}/virtualmachineinstances/{name}/vnc`
+//!   is the VNC websocket under KubeVirt's own path, which the BafflesApplications the operator
+//!   writes point at: the same session as `/api/v1/vms/{ns}/{name}/vnc`.
 //! - Every error is JSON `{"code": <status>, "reason": "<kind>", "message": "<what, why, what to
 //!   do>"}`: NotFound 404, AlreadyExists and InvalidTransition 409, InvalidSpec and Unsupported
-//!   422, BadRequest 400, Unauthorized 401, UnsupportedMediaType 415, Internal 500.
+//!   422, BadRequest 400, Unauthorized 401, Forbidden 403 (with `permission`: the verb, group,
+//!   resource, subresource and namespace the user lacks), UnsupportedMediaType 415, Internal 500,
+//!   Unavailable 503.
 //! - Console websockets (`console`, `vnc`) speak KubeVirt's protocol: subprotocol
 //!   `plain.kubevirt.io`, binary frames carrying raw bytes both ways. Errors (no such VM, VM not
 //!   running, no such console) are answered before the upgrade, as normal JSON errors.
@@ -40,9 +47,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::auth::{AccessToken, presented_token};
+use crate::auth::{AccessToken, Authentication, Caller, presented_token};
 use crate::backend::{
-    Backend, BackendError, ConsoleChannel, ConsoleKind, EventView, PowerAction, SnapshotRequest, VmRef,
+    Backend, BackendError, ConsoleChannel, ConsoleKind, EventView, Permission, PowerAction, SnapshotRequest,
+    VmRef,
 };
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
 
@@ -64,6 +72,8 @@ pub struct ErrorBody {
     /// What failed, why, and what to do.
     pub message: String,
 }
+// A 403 body also has `permission` (a [`Permission`]: the verb, group, resource, subresource and
+// namespace the signed-in user lacks); it is added beside these fields when the response is made.
 
 /// An error response.
 #[derive(Debug, Clone)]
@@ -71,6 +81,7 @@ pub struct ApiError {
     status: StatusCode,
     reason: &'static str,
     message: String,
+    permission: Option<Box<Permission>>,
 }
 
 impl ApiError {
@@ -79,6 +90,7 @@ impl ApiError {
             status,
             reason,
             message: message.into(),
+            permission: None,
         }
     }
 
@@ -98,6 +110,7 @@ impl From<BackendError> for ApiError {
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             reason: error.kind.as_str(),
             message: error.message,
+            permission: error.permission,
         }
     }
 }
@@ -114,6 +127,13 @@ impl IntoResponse for ApiError {
             reason: self.reason.to_string(),
             message: self.message,
         };
+        let mut body = serde_json::to_value(body).unwrap_or(serde_json::Value::Null);
+        if let (Some(permission), Some(object)) = (self.permission, body.as_object_mut()) {
+            object.insert(
+                "permission".to_string(),
+                serde_json::to_value(*permission).unwrap_or(serde_json::Value::Null),
+            );
+        }
         (self.status, Json(body)).into_response()
     }
 }
@@ -122,7 +142,7 @@ impl IntoResponse for ApiError {
 #[derive(Clone)]
 struct AppState {
     backend: Arc<dyn Backend>,
-    token: Arc<AccessToken>,
+    authentication: Arc<Authentication>,
     metrics: Arc<Metrics>,
     closing: watch::Receiver<bool>,
 }
@@ -145,11 +165,16 @@ impl std::fmt::Debug for Api {
 impl Api {
     /// An API over `backend`, accepting `token`.
     pub fn new(backend: Arc<dyn Backend>, token: AccessToken) -> Api {
+        Api::with_authentication(backend, Authentication::Token(token))
+    }
+
+    /// An API over `backend`, authenticating callers with `authentication`.
+    pub fn with_authentication(backend: Arc<dyn Backend>, authentication: Authentication) -> Api {
         let (closing, closing_receiver) = watch::channel(false);
         Api {
             state: AppState {
                 backend,
-                token: Arc::new(token),
+                authentication: Arc::new(authentication),
                 metrics: Arc::new(Metrics::new()),
                 closing: closing_receiver,
             },
@@ -314,7 +339,29 @@ fn route_table() -> Vec<RouteEntry> {
             "/api/v1/vms/{namespace}/{name}/vnc",
             get(vnc_console),
         ),
+        entry(
+            Method::PUT,
+            "/api/v1/vms/{namespace}/{name}/migrate",
+            put(migrate_vm),
+        ),
+        entry(
+            Method::POST,
+            "/api/v1/vms/{namespace}/{name}/clone",
+            post(clone_vm),
+        ),
         entry(Method::GET, "/api/v1/events", get(events)),
+        entry(Method::GET, "/api/v1/session", get(session)),
+        entry(Method::POST, "/api/v1/session", post(create_session)),
+        entry(
+            Method::GET,
+            "/k8s/apis/subresources.kubevirt.io/v1/namespaces/{namespace}/virtualmachineinstances/{name}/vnc",
+            get(vnc_console),
+        ),
+        entry(
+            Method::GET,
+            "/k8s/apis/subresources.kubevirt.io/v1alpha3/namespaces/{namespace}/virtualmachineinstances/{name}/vnc",
+            get(vnc_console),
+        ),
     ]
 }
 
@@ -354,6 +401,12 @@ struct DeleteQuery {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneRequest {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PowerQuery {
     grace_period_seconds: Option<u64>,
@@ -389,14 +442,49 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match token_refusal(&state, request.headers(), request.uri().query()) {
-        None => next.run(request).await,
+/// The backend acting as the request's caller (set by the authentication middleware).
+struct Acting(Arc<dyn Backend>);
+
+impl FromRequestParts<AppState> for Acting {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match parts.extensions.get::<Caller>() {
+            Some(Caller::TokenHolder) => Ok(Acting(Arc::clone(&state.backend))),
+            Some(Caller::User(user)) => state.backend.acting_as(user).map(Acting).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Internal",
+                    format!(
+                        "the {} backend cannot act for a signed-in user; this is a bug in paddock",
+                        state.backend.kind()
+                    ),
+                )
+            }),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "the request was not authenticated; this is a bug in paddock",
+            )),
+        }
+    }
+}
+
+async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    match state
+        .authentication
+        .authenticate(request.headers(), request.uri().query())
+        .await
+    {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
         // A browser opening the bare address gets the web console's sign-in page, not JSON.
-        Some(_) if request.uri().path() == "/" && accepts_html(request.headers()) => {
+        Err(_) if request.uri().path() == "/" && accepts_html(request.headers()) => {
             axum::response::Redirect::to(crate::ui::UI_PATH).into_response()
         }
-        Some(refusal) => refusal,
+        Err(refusal) => unauthorized(refusal.message),
     }
 }
 
@@ -407,25 +495,14 @@ fn accepts_html(headers: &HeaderMap) -> bool {
         .is_some_and(|accept| accept.contains("text/html"))
 }
 
-/// The 401 response for a request without the right token; `None` when the token is right.
-fn token_refusal(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Option<Response> {
-    match presented_token(headers, query) {
-        Some(token) if state.token.matches(&token) => None,
-        presented => {
-            let message = if presented.is_some() {
-                "the access token is wrong: use the token `paddock serve` printed at start (it is also in serve.json in its state directory; a restart makes a new one)"
-            } else {
-                "this API needs the access token `paddock serve` printed at start: send `Authorization: Bearer <token>` or add `?token=<token>` to the URL"
-            };
-            let mut response =
-                ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", message).into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"paddock\""),
-            );
-            Some(response)
-        }
-    }
+/// The 401 response for a request that was not authenticated.
+fn unauthorized(message: String) -> Response {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", message).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"paddock\""),
+    );
+    response
 }
 
 /// One tracing span and one metrics sample per request. The span records the route template,
@@ -454,9 +531,9 @@ async fn no_route(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    let response = match token_refusal(&state, &headers, uri.query()) {
-        Some(refusal) => refusal,
-        None => ApiError::new(
+    let response = match state.authentication.authenticate(&headers, uri.query()).await {
+        Err(refusal) => unauthorized(refusal.message),
+        Ok(_) => ApiError::new(
             StatusCode::NOT_FOUND,
             "NotFound",
             format!(
@@ -550,58 +627,54 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
 }
 
 async fn list_vms(
-    State(state): State<AppState>,
+    Acting(backend): Acting,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let items = state.backend.list(query.namespace).await?;
+    let items = backend.list(query.namespace).await?;
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
-async fn create_vm(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn create_vm(Acting(backend): Acting, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let app = parse_manifest(&headers, &body)?;
-    let view = state.backend.create(app).await?;
+    let view = backend.create(app).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-async fn get_vm(State(state): State<AppState>, ApiPath(vm): ApiPath<VmPath>) -> Result<Response, ApiError> {
-    Ok(Json(state.backend.get(vm.into()).await?).into_response())
+async fn get_vm(Acting(backend): Acting, ApiPath(vm): ApiPath<VmPath>) -> Result<Response, ApiError> {
+    Ok(Json(backend.get(vm.into()).await?).into_response())
 }
 
 async fn delete_vm(
-    State(state): State<AppState>,
+    Acting(backend): Acting,
     ApiPath(vm): ApiPath<VmPath>,
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
-    state.backend.delete(vm.into(), query.force).await?;
+    backend.delete(vm.into(), query.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 fn power_route(action: fn(Option<Duration>) -> PowerAction) -> MethodRouter<AppState> {
     put(
-        move |State(state): State<AppState>,
+        move |Acting(backend): Acting,
               ApiPath(vm): ApiPath<VmPath>,
               ApiQuery(query): ApiQuery<PowerQuery>| async move {
             let action = action(query.grace_period_seconds.map(Duration::from_secs));
-            let view = state.backend.power(vm.into(), action).await?;
+            let view = backend.power(vm.into(), action).await?;
             Ok::<_, ApiError>(Json(view))
         },
     )
 }
 
 async fn list_snapshots(
-    State(state): State<AppState>,
+    Acting(backend): Acting,
     ApiPath(vm): ApiPath<VmPath>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let items = state.backend.snapshot_list(vm.into()).await?;
+    let items = backend.snapshot_list(vm.into()).await?;
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
 async fn create_snapshot(
-    State(state): State<AppState>,
+    Acting(backend): Acting,
     ApiPath(vm): ApiPath<VmPath>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -610,38 +683,35 @@ async fn create_snapshot(
             "the body is not a snapshot request ({error}); send JSON like {{\"name\": \"before-upgrade\", \"memory\": true}}"
         ))
     })?;
-    let snapshot = state.backend.snapshot_create(vm.into(), request).await?;
+    let snapshot = backend.snapshot_create(vm.into(), request).await?;
     Ok((StatusCode::CREATED, Json(snapshot)).into_response())
 }
 
 async fn restore_snapshot(
-    State(state): State<AppState>,
+    Acting(backend): Acting,
     ApiPath(path): ApiPath<SnapshotPath>,
 ) -> Result<Response, ApiError> {
     let vm = VmRef {
         namespace: path.namespace,
         name: path.name,
     };
-    Ok(Json(state.backend.snapshot_restore(vm, path.snapshot).await?).into_response())
+    Ok(Json(backend.snapshot_restore(vm, path.snapshot).await?).into_response())
 }
 
 async fn delete_snapshot(
-    State(state): State<AppState>,
+    Acting(backend): Acting,
     ApiPath(path): ApiPath<SnapshotPath>,
 ) -> Result<StatusCode, ApiError> {
     let vm = VmRef {
         namespace: path.namespace,
         name: path.name,
     };
-    state.backend.snapshot_delete(vm, path.snapshot).await?;
+    backend.snapshot_delete(vm, path.snapshot).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn screenshot(
-    State(state): State<AppState>,
-    ApiPath(vm): ApiPath<VmPath>,
-) -> Result<Response, ApiError> {
-    let png = state.backend.screenshot(vm.into()).await?;
+async fn screenshot(Acting(backend): Acting, ApiPath(vm): ApiPath<VmPath>) -> Result<Response, ApiError> {
+    let png = backend.screenshot(vm.into()).await?;
     Ok((
         [
             (header::CONTENT_TYPE, "image/png"),
@@ -654,22 +724,68 @@ async fn screenshot(
 
 async fn serial_console(
     State(state): State<AppState>,
+    Acting(backend): Acting,
     ApiPath(vm): ApiPath<VmPath>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    open_console(state, vm.into(), ConsoleKind::Serial, upgrade).await
+    open_console(state, backend, vm.into(), ConsoleKind::Serial, upgrade).await
 }
 
 async fn vnc_console(
     State(state): State<AppState>,
+    Acting(backend): Acting,
     ApiPath(vm): ApiPath<VmPath>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    open_console(state, vm.into(), ConsoleKind::Vnc, upgrade).await
+    open_console(state, backend, vm.into(), ConsoleKind::Vnc, upgrade).await
+}
+
+async fn migrate_vm(Acting(backend): Acting, ApiPath(vm): ApiPath<VmPath>) -> Result<Response, ApiError> {
+    Ok(Json(backend.migrate(vm.into()).await?).into_response())
+}
+
+async fn clone_vm(
+    Acting(backend): Acting,
+    ApiPath(vm): ApiPath<VmPath>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: CloneRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!(
+            "the body is not a clone request ({error}); send JSON like {{\"name\": \"debian-copy\"}}"
+        ))
+    })?;
+    let clone = backend.clone_vm(vm.into(), request.name).await?;
+    Ok((StatusCode::CREATED, Json(backend.get(clone).await?)).into_response())
+}
+
+/// Who the caller is, as the server sees them: what a sign-in page checks a token with.
+async fn session(
+    State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Json<serde_json::Value> {
+    let user = match caller {
+        Caller::TokenHolder => serde_json::json!({"username": crate::auth::TOKEN_HOLDER, "groups": []}),
+        Caller::User(user) => serde_json::to_value(&*user).unwrap_or(serde_json::Value::Null),
+    };
+    Json(serde_json::json!({"backend": state.backend.kind(), "user": user}))
+}
+
+/// Signs in: exchanges the credential the request was authenticated with for a console session
+/// token, so a browser need not keep a Kubernetes token.
+async fn create_session(
+    State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let session = state
+        .authentication
+        .issue_session(&caller)
+        .map_err(|refusal| ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", refusal.message))?;
+    Ok((StatusCode::CREATED, Json(session)).into_response())
 }
 
 async fn open_console(
     state: AppState,
+    backend: Arc<dyn Backend>,
     vm: VmRef,
     kind: ConsoleKind,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -682,7 +798,7 @@ async fn open_console(
     })?;
     // Open the console first, so a VM that is not running gets a clear HTTP error instead of a
     // websocket that closes at once.
-    let channel = state.backend.open_console(vm.clone(), kind).await?;
+    let channel = backend.open_console(vm.clone(), kind).await?;
     Ok(upgrade
         .protocols([KUBEVIRT_SUBPROTOCOL, BINARY_SUBPROTOCOL])
         .on_upgrade(move |socket| {
@@ -782,13 +898,12 @@ async fn forward_remaining_input(socket: &mut WebSocket, channel: &ConsoleChanne
     let _ = tokio::time::timeout(REMAINING_INPUT_GRACE, forward).await;
 }
 
-async fn events(State(state): State<AppState>) -> Response {
+async fn events(State(state): State<AppState>, Acting(backend): Acting) -> Response {
     let mut closing = state.closing.clone();
     let stop = async move {
         let _ = closing.wait_for(|closing| *closing).await;
     };
-    let stream: BoxStream<'static, Result<Event, Infallible>> = state
-        .backend
+    let stream: BoxStream<'static, Result<Event, Infallible>> = backend
         .events()
         .map(|event| Ok(sse_event(&event)))
         .take_until(stop)

@@ -1,9 +1,9 @@
 //! The one seam between the API and whatever runs the VMs.
 //!
 //! Role: [`Backend`] is everything the REST API, the websocket gateway and the event stream need
-//! from a VM platform. [`crate::local::LocalBackend`] implements it over the local QEMU runtime;
-//! a KubeVirt backend (VirtualMachines, their subresources and VirtualMachineSnapshots) will
-//! implement the same trait, so the API, its document and the CLI do not change.
+//! from a VM platform. [`crate::local::LocalBackend`] implements it over the local QEMU runtime,
+//! [`crate::kubernetes::KubernetesBackend`] over KubeVirt in a cluster, so the API, its document
+//! and the CLI do not change.
 //!
 //! Contract:
 //! - The trait is object safe (`Arc<dyn Backend>`): methods return boxed futures and streams, so
@@ -11,6 +11,9 @@
 //! - Everything crossing the seam is a backend-neutral view ([`VmView`], [`SnapshotView`],
 //!   [`EventView`]) with KubeVirt's vocabulary (printable status names, run strategies), and every
 //!   failure is a [`BackendError`] whose [`ErrorKind`] decides the HTTP status.
+//! - Per-user rights: the API asks [`Backend::acting_as`] for the backend of the signed-in user;
+//!   backends without users (local) return `None` and are used as they are. The provided methods
+//!   (`acting_as`, `migrate`, `clone_vm`) have defaults, so other implementations keep compiling.
 //! - Consoles are byte channels ([`ConsoleChannel`]): raw bytes both ways, no framing, exactly
 //!   what KubeVirt's `console` and `vnc` subresources carry. The channel ends when the console
 //!   does (the VM stopped); dropping the sender ends the session on the backend side.
@@ -37,6 +40,10 @@ pub enum ErrorKind {
     Unsupported,
     /// The request itself is malformed: unparsable body, wrong parameters (400).
     BadRequest,
+    /// The signed-in user lacks a permission (403); the error's `permission` names it.
+    Forbidden,
+    /// The platform cannot answer yet (503), e.g. the cluster caches are still loading.
+    Unavailable,
     /// A failure on the server's side (500).
     Internal,
 }
@@ -49,6 +56,8 @@ impl ErrorKind {
             ErrorKind::AlreadyExists | ErrorKind::InvalidTransition => 409,
             ErrorKind::InvalidSpec | ErrorKind::Unsupported => 422,
             ErrorKind::BadRequest => 400,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::Unavailable => 503,
             ErrorKind::Internal => 500,
         }
     }
@@ -62,6 +71,8 @@ impl ErrorKind {
             ErrorKind::InvalidSpec => "InvalidSpec",
             ErrorKind::Unsupported => "Unsupported",
             ErrorKind::BadRequest => "BadRequest",
+            ErrorKind::Forbidden => "Forbidden",
+            ErrorKind::Unavailable => "Unavailable",
             ErrorKind::Internal => "Internal",
         }
     }
@@ -75,6 +86,8 @@ pub struct BackendError {
     pub kind: ErrorKind,
     /// What failed, why, and what to do.
     pub message: String,
+    /// For [`ErrorKind::Forbidden`]: the permission the user lacks.
+    pub permission: Option<Box<Permission>>,
 }
 
 impl BackendError {
@@ -83,8 +96,73 @@ impl BackendError {
         BackendError {
             kind,
             message: message.into(),
+            permission: None,
         }
     }
+
+    /// A 403: the user lacks `permission`; `message` says so (usually the API server's words).
+    pub fn forbidden(permission: Permission, message: impl Into<String>) -> BackendError {
+        BackendError {
+            kind: ErrorKind::Forbidden,
+            message: message.into(),
+            permission: Some(Box::new(permission)),
+        }
+    }
+}
+
+/// One Kubernetes permission, as RBAC and SubjectAccessReviews spell it: what a user was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Permission {
+    /// The verb: get, list, watch, create, update, patch, delete.
+    pub verb: String,
+    /// The API group (`""` for the core group).
+    pub group: String,
+    /// The resource, e.g. `virtualmachines`.
+    pub resource: String,
+    /// The subresource, e.g. `start` or `vnc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subresource: Option<String>,
+    /// The namespace; `None` for every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The object's name, when the request was about one object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl std::fmt::Display for Permission {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{} {}", self.verb, self.resource)?;
+        if let Some(subresource) = &self.subresource {
+            write!(formatter, "/{subresource}")?;
+        }
+        if !self.group.is_empty() {
+            write!(formatter, " in API group {}", self.group)?;
+        }
+        match &self.namespace {
+            Some(namespace) => write!(formatter, " in namespace {namespace}"),
+            None => write!(formatter, " in every namespace"),
+        }
+    }
+}
+
+/// A signed-in Kubernetes user, as a TokenReview or an authenticating proxy names them. Backends
+/// with per-user rights act as this user (see [`Backend::acting_as`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserInfo {
+    /// The user name, e.g. `alice` or `system:serviceaccount:vms:alice`.
+    pub username: String,
+    /// The user's uid, when the authenticator gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// The user's groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Extra attributes from the authenticator (scopes, service-account pod names).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Result alias for backend operations.
@@ -342,4 +420,40 @@ pub trait Backend: Send + Sync + 'static {
     fn open_console(&self, vm: VmRef, kind: ConsoleKind) -> BoxFuture<'_, BackendResult<ConsoleChannel>>;
     /// Every change from now on.
     fn events(&self) -> BoxStream<'static, EventView>;
+
+    /// This backend acting as `user`: every read and action of the returned backend happens with
+    /// that user's rights. `None` (the default) for backends without per-user rights, where the
+    /// access token grants everything (local).
+    fn acting_as(&self, user: &UserInfo) -> Option<std::sync::Arc<dyn Backend>> {
+        let _ = user;
+        None
+    }
+
+    /// Moves a running VM to another node (KubeVirt's `migrate`); unsupported by default.
+    fn migrate(&self, vm: VmRef) -> BoxFuture<'_, BackendResult<VmView>> {
+        Box::pin(async move {
+            Err(BackendError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "cannot migrate virtual machine {vm}: this backend ({}) runs VMs on one machine only",
+                    self.kind()
+                ),
+            ))
+        })
+    }
+
+    /// Clones a VM into a new VM named `target` (KubeVirt's VirtualMachineClone); unsupported by
+    /// default. Returns the clone's namespace and name once it exists.
+    fn clone_vm(&self, vm: VmRef, target: String) -> BoxFuture<'_, BackendResult<VmRef>> {
+        let _ = target;
+        Box::pin(async move {
+            Err(BackendError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "cannot clone virtual machine {vm}: this backend ({}) does not clone; take a snapshot instead",
+                    self.kind()
+                ),
+            ))
+        })
+    }
 }

@@ -1,12 +1,14 @@
 //! paddock's console server: the REST API, the serial and VNC websocket gateway and the event
-//! stream, over one [`Backend`] trait with two implementations (the local QEMU runtime now,
-//! KubeVirt later), and the web console (the UI built from `web/`, embedded).
+//! stream, over one [`Backend`] trait with two implementations (the local QEMU runtime, and
+//! KubeVirt in a cluster acting as the signed-in user), and the web console (the UI built from
+//! `web/`, embedded).
 //!
 //! Role: what `paddock serve` runs and what the CLI's `vm` and `snapshot` verbs talk to.
 //!
 //! Contract:
 //! - [`backend::Backend`] is the only thing the API needs from a platform; [`local::LocalBackend`]
-//!   implements it over `paddock_local::Runtime`.
+//!   implements it over `paddock_local::Runtime`; [`kubernetes::KubernetesBackend`] over a
+//!   cluster's KubeVirt, with reads from reflectors and actions as the user (impersonation).
 //! - [`api::Api`] builds the axum router: KubeVirt-flavoured routes under `/api/v1`, bearer-token
 //!   authentication ([`auth`]), JSON errors, websockets with the `plain.kubevirt.io` protocol,
 //!   server-sent events, `/healthz`, `/readyz`, `/metrics` and `/openapi.json` ([`openapi`]).
@@ -18,6 +20,7 @@
 pub mod api;
 pub mod auth;
 pub mod backend;
+pub mod kubernetes;
 pub mod local;
 pub mod metrics;
 pub mod openapi;
@@ -26,10 +29,15 @@ pub mod time;
 pub mod ui;
 
 pub use api::{Api, ErrorBody, KUBEVIRT_SUBPROTOCOL, ServedRoute, served_routes};
-pub use auth::AccessToken;
+pub use auth::{AccessToken, Authentication, Caller};
 pub use backend::{
     Backend, BackendError, BackendResult, ConsoleChannel, ConsoleKind, ConsoleView, ErrorKind, EventView,
-    HealthCheck, LastExitView, PowerAction, SnapshotRequest, SnapshotView, VmRef, VmStatusView, VmView,
+    HealthCheck, LastExitView, Permission, PowerAction, SnapshotRequest, SnapshotView, UserInfo, VmRef,
+    VmStatusView, VmView,
 };
+pub use kubernetes::KubernetesBackend;
 pub use local::LocalBackend;
-pub use serve::{ServeError, ServeInfo, ServeOptions, read_serve_file, serve, serve_file_path};
+pub use serve::{
+    KubernetesServeOptions, ServeError, ServeInfo, ServeOptions, read_serve_file, serve, serve_file_path,
+    serve_kubernetes,
+};

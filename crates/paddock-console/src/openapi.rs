@@ -13,7 +13,7 @@ pub fn document() -> Value {
         "info": {
             "title": "paddock API",
             "version": "v1",
-            "description": "Virtual machines from VirtualMachineApp manifests: create, list, power, snapshots, screenshots, serial and VNC consoles (websockets speaking KubeVirt's plain.kubevirt.io protocol) and a stream of changes. Every route except /healthz and /readyz needs the access token `paddock serve` printed at start, as `Authorization: Bearer <token>` or the `token` query parameter. Errors are JSON {code, reason, message}.",
+            "description": "Virtual machines from VirtualMachineApp manifests: create, list, power, snapshots, screenshots, serial and VNC consoles (websockets speaking KubeVirt's plain.kubevirt.io protocol) and a stream of changes. Every route except /healthz and /readyz needs the access token `paddock serve` printed at start (local) or a Kubernetes bearer token (cluster: the console acts as that user, so RBAC decides; a 403 names the missing permission), as `Authorization: Bearer <token>` or the `token` query parameter. Errors are JSON {code, reason, message}.",
             "license": {"name": "Apache-2.0"},
         },
         "servers": [{"url": "/"}],
@@ -284,6 +284,67 @@ fn paths() -> Value {
             }),
         );
     }
+    for version in ["v1", "v1alpha3"] {
+        add(
+            &format!(
+                "/k8s/apis/subresources.kubevirt.io/{version}/namespaces/{{namespace}}/virtualmachineinstances/{{name}}/vnc"
+            ),
+            "get",
+            json!({
+                "tags": ["consoles"], "operationId": format!("kubevirtVnc_{version}"),
+                "summary": "The VNC websocket under KubeVirt's own path, where BafflesApplications point (the same session as /api/v1/vms/{namespace}/{name}/vnc)",
+                "description": "For Baffles and other KubeVirt VNC clients: the console proxies it to the API server as the signed-in user. Besides ?token=, the token may come as the websocket subprotocol base64url.bearer.authorization.k8s.io.<base64url token>, as Kubernetes clients send it.",
+                "parameters": vm_params(),
+                "responses": {
+                    "101": {"description": "Switching to the websocket protocol"},
+                    "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "403": response_ref("Forbidden"), "404": response_ref("NotFound"),
+                    "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal"),
+                },
+            }),
+        );
+    }
+    add(
+        "/api/v1/vms/{namespace}/{name}/migrate",
+        "put",
+        json!({
+            "tags": ["vms"], "operationId": "migrateVm", "summary": "Move a running VM to another node (KubeVirt `migrate` subresource; cluster only)",
+            "parameters": vm_params(),
+            "responses": {"200": json_response("The VM", schema_ref("Vm")), "401": response_ref("Unauthorized"), "403": response_ref("Forbidden"), "404": response_ref("NotFound"), "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal")},
+        }),
+    );
+    add(
+        "/api/v1/vms/{namespace}/{name}/clone",
+        "post",
+        json!({
+            "tags": ["vms"], "operationId": "cloneVm", "summary": "Clone a VM into a new VM (KubeVirt VirtualMachineClone; cluster only)",
+            "parameters": vm_params(),
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "description": "The new VM's name"}}}}}},
+            "responses": {"201": json_response("The new VM", schema_ref("Vm")), "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "403": response_ref("Forbidden"), "404": response_ref("NotFound"), "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal")},
+        }),
+    );
+    add(
+        "/api/v1/session",
+        "get",
+        json!({
+            "tags": ["server"], "operationId": "session", "summary": "Who the caller is: the backend and the signed-in user (what a sign-in page checks a token with)",
+            "responses": {
+                "200": json_response("The caller", json!({"type": "object", "properties": {"backend": {"type": "string"}, "user": {"type": "object", "properties": {"username": {"type": "string"}, "uid": {"type": "string"}, "groups": {"type": "array", "items": {"type": "string"}}}}}})),
+                "401": response_ref("Unauthorized"),
+            },
+        }),
+    );
+    add(
+        "/api/v1/session",
+        "post",
+        json!({
+            "tags": ["server"], "operationId": "signIn", "summary": "Sign in: exchange the token this request carries for a console session token",
+            "description": "In a cluster, send the Kubernetes bearer token once; the answer's token (valid 8 hours, only at this console process) is what a browser keeps instead, so no cluster credential stays in it. Locally the answer is the access token itself.",
+            "responses": {
+                "201": json_response("The session", json!({"type": "object", "properties": {"token": {"type": "string"}, "expires": {"type": "integer", "description": "Seconds since the Unix epoch (cluster only)"}, "user": {"type": "object"}}})),
+                "401": response_ref("Unauthorized"),
+            },
+        }),
+    );
     add(
         "/api/v1/events",
         "get",
@@ -312,6 +373,7 @@ fn responses() -> Value {
     json!({
         "BadRequest": error("The request is malformed (unparsable body, bad parameters); reason BadRequest"),
         "Unauthorized": error("No or a wrong access token; reason Unauthorized"),
+        "Forbidden": json_response("The signed-in Kubernetes user lacks a permission; reason Forbidden, and `permission` names it", schema_ref("ForbiddenError")),
         "NotFound": error("No such VM, snapshot or route; reason NotFound"),
         "Conflict": error("Already exists (reason AlreadyExists) or not possible in the VM's current state (reason InvalidTransition); nothing changed"),
         "UnsupportedMediaType": error("The body's Content-Type is neither YAML nor JSON; reason UnsupportedMediaType"),
@@ -322,14 +384,34 @@ fn responses() -> Value {
 
 fn schemas() -> Value {
     let timestamp = json!({"type": "string", "format": "date-time", "description": "RFC 3339, UTC"});
-    let phase = json!({"type": "string", "enum": ["Stopped", "Starting", "Running", "Paused", "Stopping", "CrashLoopBackOff", "Failed"]});
+    let phase = json!({"type": "string", "description": "KubeVirt's printable status; the local backend uses Stopped, Starting, Running, Paused, Stopping, CrashLoopBackOff and Failed", "enum": ["Stopped", "Provisioning", "Starting", "Running", "Paused", "Stopping", "Terminating", "Migrating", "CrashLoopBackOff", "Failed", "Unknown", "ErrorUnschedulable", "ErrImagePull", "ImagePullBackOff", "ErrorPvcNotFound", "DataVolumeError", "WaitingForVolumeBinding", "WaitingForReceiver"]});
     json!({
         "Error": {
             "type": "object", "required": ["code", "reason", "message"],
             "properties": {
                 "code": {"type": "integer", "description": "The HTTP status code"},
-                "reason": {"type": "string", "enum": ["NotFound", "AlreadyExists", "InvalidTransition", "InvalidSpec", "Unsupported", "BadRequest", "Unauthorized", "UnsupportedMediaType", "MethodNotAllowed", "Internal"]},
+                "reason": {"type": "string", "enum": ["NotFound", "AlreadyExists", "InvalidTransition", "InvalidSpec", "Unsupported", "BadRequest", "Unauthorized", "Forbidden", "UnsupportedMediaType", "MethodNotAllowed", "Unavailable", "Internal"]},
                 "message": {"type": "string", "description": "What failed, why, and what to do"},
+            },
+        },
+        "ForbiddenError": {
+            "type": "object", "required": ["code", "reason", "message", "permission"],
+            "properties": {
+                "code": {"type": "integer", "example": 403},
+                "reason": {"type": "string", "enum": ["Forbidden"]},
+                "message": {"type": "string", "description": "The API server's or the access review's words, and what to ask for"},
+                "permission": {
+                    "type": "object", "required": ["verb", "group", "resource"],
+                    "description": "The permission the user lacks, as an RBAC rule spells it",
+                    "properties": {
+                        "verb": {"type": "string", "example": "update"},
+                        "group": {"type": "string", "example": "subresources.kubevirt.io"},
+                        "resource": {"type": "string", "example": "virtualmachines"},
+                        "subresource": {"type": "string", "example": "start"},
+                        "namespace": {"type": "string"},
+                        "name": {"type": "string"},
+                    },
+                },
             },
         },
         "Readiness": {

@@ -1,5 +1,6 @@
 //! `paddock serve` on the local runtime: open the state directory, listen on a loopback address,
-//! generate and publish the access token, serve until SIGINT/SIGTERM.
+//! generate and publish the access token, serve until SIGINT/SIGTERM. [`serve_kubernetes`] serves
+//! the same API over a cluster instead (`paddock serve --kubeconfig`, or the console Deployment).
 //!
 //! Contract:
 //! - Only loopback addresses unless `allow_non_loopback` (then a warning is logged).
@@ -22,7 +23,8 @@ use paddock_local::{Runtime, RuntimeOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::api::Api;
-use crate::auth::{AccessToken, TokenError};
+use crate::auth::{AccessToken, Authentication, TokenError};
+use crate::kubernetes::{KubernetesBackend, KubernetesError, KubernetesOptions, ProxyHeaders};
 use crate::local::LocalBackend;
 
 /// The file in the state directory that tells clients where the server is.
@@ -72,6 +74,9 @@ pub enum ServeError {
     /// The server stopped with an error.
     #[error("the HTTP server failed: {0}")]
     Server(std::io::Error),
+    /// The Kubernetes backend could not start.
+    #[error(transparent)]
+    Kubernetes(#[from] KubernetesError),
     /// serve.json is missing or unreadable.
     #[error(
         "no paddock serve found for the state directory {state_dir}: {details}; start one with `paddock serve --state-dir {state_dir}`, or pass --server and --token (or PADDOCK_SERVER and PADDOCK_TOKEN)"
@@ -93,6 +98,25 @@ pub struct ServeOptions {
     pub allow_non_loopback: bool,
     /// The local runtime's options (state directory, QEMU, accelerator).
     pub runtime: RuntimeOptions,
+}
+
+/// How to serve over a Kubernetes cluster.
+#[derive(Debug, Clone)]
+pub struct KubernetesServeOptions {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Allow a non-loopback listen address (in a pod: put TLS in front, e.g. an Ingress).
+    pub allow_non_loopback: bool,
+    /// The kubeconfig with the console's own credentials; inferred (in-cluster service account,
+    /// `KUBECONFIG`, `~/.kube/config`) when `None`.
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context; its current context when `None`.
+    pub context: Option<String>,
+    /// Watch only this namespace.
+    pub namespace: Option<String>,
+    /// Believe these identity headers of an authenticating proxy (see
+    /// [`crate::kubernetes::Authenticator`] for what that requires).
+    pub proxy_headers: Option<ProxyHeaders>,
 }
 
 /// Where a running server is: the contents of `serve.json`.
@@ -145,17 +169,7 @@ pub fn read_serve_file(state_dir: &Path) -> Result<ServeInfo, ServeError> {
 /// Runs the server until SIGINT or SIGTERM. `on_ready` is called once it listens and
 /// `serve.json` is written.
 pub async fn serve(options: ServeOptions, on_ready: impl FnOnce(&ServeInfo)) -> Result<(), ServeError> {
-    if !options.listen.ip().is_loopback() {
-        if !options.allow_non_loopback {
-            return Err(ServeError::NotLoopback {
-                address: options.listen,
-            });
-        }
-        tracing::warn!(
-            address = %options.listen,
-            "listening on a non-loopback address: anyone who can reach it and has the token controls the VMs, and traffic is not encrypted"
-        );
-    }
+    check_listen_address(options.listen, options.allow_non_loopback)?;
     let runtime = Arc::new(Runtime::open(options.runtime.clone()).await?);
     // The runtime has already warned when KVM is unusable.
     let (accelerator, _) = runtime.accelerator();
@@ -184,14 +198,82 @@ pub async fn serve(options: ServeOptions, on_ready: impl FnOnce(&ServeInfo)) -> 
     let serve_file = serve_file_path(runtime.state_dir());
     write_private_file(&serve_file, &serde_json::to_vec_pretty(&info).unwrap_or_default())?;
     let api = Api::new(Arc::new(LocalBackend::new(Arc::clone(&runtime))), token);
-    let router = api.router();
     on_ready(&info);
     tracing::info!(url = %info.url, "serving the paddock API");
+    let result = run_until_signal(listener, &api, "running VMs keep running").await;
+    // Only remove the file if it is still ours (a second server may have replaced it).
+    if read_serve_file(runtime.state_dir()).is_ok_and(|current| current.pid == info.pid) {
+        let _ = std::fs::remove_file(&serve_file);
+    }
+    drop(runtime);
+    result
+}
 
+/// Serves the API over a Kubernetes cluster until SIGINT or SIGTERM: users sign in with their
+/// Kubernetes bearer tokens (or come through a trusted authenticating proxy) and the console acts
+/// as them. `on_ready` gets the base URL once it listens.
+pub async fn serve_kubernetes(
+    options: KubernetesServeOptions,
+    on_ready: impl FnOnce(&str),
+) -> Result<(), ServeError> {
+    check_listen_address(options.listen, options.allow_non_loopback)?;
+    let config =
+        crate::kubernetes::load_config(options.kubeconfig.as_deref(), options.context.as_deref()).await?;
+    tracing::info!(cluster = %config.cluster_url, namespace = ?options.namespace, "connecting to the cluster");
+    let backend = KubernetesBackend::start(
+        config,
+        KubernetesOptions {
+            namespace: options.namespace.clone(),
+        },
+    )?;
+    if options.proxy_headers.is_some() {
+        tracing::warn!(
+            "believing the identity headers of an authenticating proxy: make sure only that proxy can reach this console and that it strips those headers from client requests"
+        );
+    }
+    let authentication =
+        Authentication::Kubernetes(Arc::new(backend.authenticator(options.proxy_headers.clone())));
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            address: options.listen,
+            source,
+        })?;
+    let address = listener.local_addr().map_err(|source| ServeError::Bind {
+        address: options.listen,
+        source,
+    })?;
+    let api = Api::with_authentication(Arc::new(backend), authentication);
+    let url = format!("http://{address}");
+    on_ready(&url);
+    tracing::info!(%url, "serving the paddock API over the cluster");
+    run_until_signal(listener, &api, "the cluster's VMs are not affected").await
+}
+
+fn check_listen_address(address: SocketAddr, allow_non_loopback: bool) -> Result<(), ServeError> {
+    if !address.ip().is_loopback() {
+        if !allow_non_loopback {
+            return Err(ServeError::NotLoopback { address });
+        }
+        tracing::warn!(
+            %address,
+            "listening on a non-loopback address: anyone who can reach it and has a valid token controls the VMs, and traffic is not encrypted"
+        );
+    }
+    Ok(())
+}
+
+/// Serves `api` on `listener` until SIGINT or SIGTERM, then closes console sessions and drains.
+async fn run_until_signal(
+    listener: tokio::net::TcpListener,
+    api: &Api,
+    what_stays: &'static str,
+) -> Result<(), ServeError> {
+    let router = api.router();
     let (signalled, mut signal_received) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let reason = wait_for_signal().await;
-        tracing::info!("{reason}: shutting down; running VMs keep running");
+        tracing::info!("{reason}: shutting down; {what_stays}");
         signalled.send_replace(true);
     });
     let mut graceful_signal = signal_received.clone();
@@ -210,11 +292,6 @@ pub async fn serve(options: ServeOptions, on_ready: impl FnOnce(&ServeInfo)) -> 
         }
     };
     api.close_sessions();
-    // Only remove the file if it is still ours (a second server may have replaced it).
-    if read_serve_file(runtime.state_dir()).is_ok_and(|current| current.pid == info.pid) {
-        let _ = std::fs::remove_file(&serve_file);
-    }
-    drop(runtime);
     result
 }
 

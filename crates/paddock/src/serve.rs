@@ -1,4 +1,6 @@
-//! `paddock serve`: the REST API, consoles and events on this machine's local runtime.
+//! `paddock serve`: the REST API, consoles and events on this machine's local runtime, or, with
+//! `--backend kubernetes` (implied by `--kubeconfig`), over a cluster's KubeVirt, acting as each
+//! signed-in Kubernetes user.
 //!
 //! Prints the URL with a fresh access token at start (like Jupyter) and writes it to
 //! `<state>/serve.json`, where the `vm` and `snapshot` verbs find it. Ctrl-C or SIGTERM stops the
@@ -23,9 +25,42 @@ pub enum AcceleratorFlag {
     Tcg,
 }
 
+/// Where the VMs are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendFlag {
+    /// This machine, with QEMU.
+    Local,
+    /// A Kubernetes cluster with KubeVirt (and paddock's operator for VirtualMachineApps).
+    Kubernetes,
+}
+
 /// `paddock serve` flags.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Where the VMs are: `local` (the default) or `kubernetes` (implied by --kubeconfig; without
+    /// it the in-cluster service account, KUBECONFIG or ~/.kube/config is used).
+    #[arg(long, value_enum, default_value = "local")]
+    backend: BackendFlag,
+    /// The kubeconfig with the console's own credentials (Kubernetes backend). Users sign in with
+    /// their own bearer tokens; the console acts as them (it needs `impersonate` on users and
+    /// groups, `create` tokenreviews and subjectaccessreviews, and `list`/`watch` on the VM kinds).
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (Kubernetes backend; default: its current context).
+    #[arg(long, value_name = "NAME")]
+    context: Option<String>,
+    /// Show only this namespace's VMs (Kubernetes backend; default: every namespace).
+    #[arg(long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// Believe this header of an authenticating proxy in front of the console as the user name,
+    /// e.g. X-Forwarded-User (Kubernetes backend). Only when nothing but the proxy can reach the
+    /// console and the proxy strips the header from client requests.
+    #[arg(long, value_name = "HEADER")]
+    auth_proxy_user_header: Option<String>,
+    /// The proxy's header with the user's groups (repeated or comma-separated), e.g.
+    /// X-Forwarded-Groups; needs --auth-proxy-user-header.
+    #[arg(long, value_name = "HEADER", requires = "auth_proxy_user_header")]
+    auth_proxy_groups_header: Option<String>,
     /// Where to listen; loopback only unless --listen-any. Port 0 picks a free port.
     #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDRESS:PORT")]
     listen: SocketAddr,
@@ -53,6 +88,9 @@ pub fn run(arguments: &ServeArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    if arguments.backend == BackendFlag::Kubernetes || arguments.kubeconfig.is_some() {
+        return run_kubernetes(arguments);
+    }
     let mut runtime = RuntimeOptions::new(
         arguments
             .state_dir
@@ -85,6 +123,39 @@ pub fn run(arguments: &ServeArgs) -> anyhow::Result<()> {
             info.url
         );
         println!("  API document: {}/openapi.json", info.url);
+    }))?;
+    Ok(())
+}
+
+fn run_kubernetes(arguments: &ServeArgs) -> anyhow::Result<()> {
+    let proxy_headers = arguments
+        .auth_proxy_user_header
+        .as_deref()
+        .map(|user| {
+            paddock_console::kubernetes::ProxyHeaders::new(
+                user,
+                arguments.auth_proxy_groups_header.as_deref(),
+            )
+            .map_err(anyhow::Error::msg)
+        })
+        .transpose()?;
+    let options = paddock_console::KubernetesServeOptions {
+        listen: arguments.listen,
+        allow_non_loopback: arguments.listen_any,
+        kubeconfig: arguments.kubeconfig.clone(),
+        context: arguments.context.clone(),
+        namespace: arguments.namespace.clone(),
+        proxy_headers,
+    };
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tokio.block_on(paddock_console::serve_kubernetes(options, |url| {
+        println!("paddock serve (kubernetes): {url}");
+        println!("  sign in with a Kubernetes bearer token: Authorization: Bearer <token> (or ?token= on websockets)");
+        println!("  Baffles VNC path: {url}/k8s/apis/subresources.kubevirt.io/v1/namespaces/<ns>/virtualmachineinstances/<name>/vnc");
+        println!("  API document: {url}/openapi.json");
     }))?;
     Ok(())
 }

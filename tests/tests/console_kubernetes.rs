@@ -1,0 +1,805 @@
+//! The console's Kubernetes backend (`paddock serve --kubeconfig`, the real binary) on the real
+//! control plane with the KubeVirt simulator and the real paddock operator: users sign in with
+//! ServiceAccount tokens (TokenRequest), the console acts as them (impersonation), so RBAC decides.
+//!
+//! The admin creates a VirtualMachineApp through the console, sees it Running, reads a non-blank
+//! framebuffer of the simulator's real QEMU through the console's VNC websocket, takes, restores
+//! and deletes a snapshot, and reaches the same screen at the URL of the BafflesApplication the
+//! operator wrote. A user without RBAC gets 403s naming the missing permission and no console;
+//! after a RoleBinding they can. Identity headers are believed only when the flag enables them.
+
+// Test code: a failed unwrap is a failed test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use kube::api::{Api, DynamicObject};
+use paddock_tests::cluster::{Cluster, TestNamespace};
+use paddock_tests::world::{baffles_applications, paddock_binary, run};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// Generous for TCG boots and simulated phases on a busy 2-core machine.
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A child process (console or operator) with its log, killed on drop.
+struct Process {
+    child: Child,
+    log: PathBuf,
+    _directory: tempfile::TempDir,
+}
+
+impl Process {
+    fn log(&self) -> String {
+        let log = std::fs::read(&self.log).unwrap_or_default();
+        let start = log.len().saturating_sub(8000);
+        String::from_utf8_lossy(&log[start..]).into_owned()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `paddock serve --kubeconfig <admin>` plus `extra` flags; returns it and its base URL.
+fn start_console(cluster: &Cluster, extra: &[&str]) -> (Process, String) {
+    let directory = tempfile::tempdir().unwrap();
+    let log = directory.path().join("console.log");
+    let mut child = Command::new(paddock_binary().unwrap())
+        .arg("serve")
+        .arg("--kubeconfig")
+        .arg(cluster.admin_kubeconfig())
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "info,paddock_console=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        let Some(Ok(line)) = lines.next() else {
+            panic!(
+                "paddock serve printed no URL; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        if let Some(url) = line.strip_prefix("paddock serve (kubernetes): ") {
+            break url.trim().to_string();
+        }
+    };
+    // Keep draining stdout so the console never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (
+        Process {
+            child,
+            log,
+            _directory: directory,
+        },
+        url,
+    )
+}
+
+/// The real operator, scoped to the test's namespace, writing Baffles URLs through `console`.
+fn start_operator(cluster: &Cluster, namespace: &str, console: &str) -> Process {
+    let directory = tempfile::tempdir().unwrap();
+    let log = directory.path().join("operator.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(paddock_binary().unwrap())
+        .args([
+            "operator",
+            "--namespace",
+            namespace,
+            "--lease-namespace",
+            namespace,
+        ])
+        .args(["--identity", &format!("{namespace}-operator")])
+        .args(["--console-gateway-url", &console.replacen("http://", "ws://", 1)])
+        .args(["--listen", "127.0.0.1:0", "--retry-period-seconds", "1"])
+        .env("KUBECONFIG", cluster.admin_kubeconfig())
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    Process {
+        child,
+        log,
+        _directory: directory,
+    }
+}
+
+/// Applies a manifest as the cluster admin.
+fn kubectl_apply(cluster: &Cluster, manifest: &Value) {
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("manifest.json");
+    std::fs::write(&file, serde_json::to_vec(manifest).unwrap()).unwrap();
+    run(cluster.kubectl().arg("apply").arg("-f").arg(&file)).unwrap();
+}
+
+/// A ServiceAccount in `namespace` and a token for it (TokenRequest, through kubectl).
+fn service_account_token(cluster: &Cluster, namespace: &str, name: &str) -> String {
+    kubectl_apply(
+        cluster,
+        &json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}),
+    );
+    run(cluster.kubectl().args([
+        "create",
+        "token",
+        name,
+        "--namespace",
+        namespace,
+        "--duration",
+        "1h",
+    ]))
+    .unwrap()
+    .trim()
+    .to_string()
+}
+
+/// An HTTP client of the console acting with one bearer token.
+struct User {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl User {
+    fn new(base: &str, token: &str) -> User {
+        User {
+            base: base.to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, String)>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some((content_type, body)) = body {
+            request = request.header("Content-Type", content_type).body(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
+    async fn ok(&self, method: reqwest::Method, path: &str, body: Option<(&str, String)>) -> Value {
+        let (status, body) = self.request(method.clone(), path, body).await;
+        assert!((200..300).contains(&status), "{method} {path}: {status} {body:#}");
+        body
+    }
+
+    fn websocket_url(&self, path: &str) -> String {
+        format!(
+            "{}{path}?token={}",
+            self.base.replacen("http://", "ws://", 1),
+            self.token
+        )
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a `plain.kubevirt.io` websocket; Err is the refusal (status and body).
+async fn open_websocket(url: &str, extra_protocol: Option<&str>) -> Result<Socket, (u16, String)> {
+    let mut request = url.into_client_request().unwrap();
+    let protocols = match extra_protocol {
+        Some(extra) => format!("plain.kubevirt.io, {extra}"),
+        None => "plain.kubevirt.io".to_string(),
+    };
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, response)) => {
+            assert_eq!(response.headers()["Sec-WebSocket-Protocol"], "plain.kubevirt.io");
+            Ok(socket)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
+            Err((status, body))
+        }
+        Err(other) => panic!("websocket {url}: {other}"),
+    }
+}
+
+/// The bytes of an RFB conversation over a websocket.
+struct Rfb {
+    socket: Socket,
+    buffered: Vec<u8>,
+}
+
+impl Rfb {
+    async fn read_exact(&mut self, count: usize) -> Vec<u8> {
+        while self.buffered.len() < count {
+            match tokio::time::timeout(TIMEOUT, self.socket.next()).await {
+                Ok(Some(Ok(Message::Binary(bytes)))) => self.buffered.extend_from_slice(&bytes),
+                Ok(Some(Ok(Message::Close(frame)))) => panic!("the VNC websocket closed: {frame:?}"),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(error))) => panic!("the VNC websocket failed: {error}"),
+                Ok(None) => panic!("the VNC websocket ended"),
+                Err(_) => panic!("no RFB data within {TIMEOUT:?}"),
+            }
+        }
+        self.buffered.drain(..count).collect()
+    }
+
+    async fn u16(&mut self) -> u16 {
+        let bytes = self.read_exact(2).await;
+        u16::from_be_bytes([bytes[0], bytes[1]])
+    }
+
+    async fn u32(&mut self) -> u32 {
+        let bytes = self.read_exact(4).await;
+        u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        self.socket
+            .send(Message::Binary(bytes.to_vec().into()))
+            .await
+            .unwrap();
+    }
+}
+
+/// A minimal RFB 3.8 client: checks the banner, handshakes (security None), asks for raw 32-bit
+/// pixels and full-screen updates until one shows something or the timeout passes. Returns the
+/// banner and the share of lit pixels.
+async fn rfb_screen(socket: Socket) -> (String, f64) {
+    let mut rfb = Rfb {
+        socket,
+        buffered: Vec::new(),
+    };
+    let banner = String::from_utf8(rfb.read_exact(12).await).unwrap();
+    assert_eq!(banner, "RFB 003.008\n");
+    rfb.write(b"RFB 003.008\n").await;
+    let count = rfb.read_exact(1).await[0];
+    assert!(count > 0, "the server offered no security type");
+    let types = rfb.read_exact(count as usize).await;
+    assert!(types.contains(&1), "no security type None in {types:?}");
+    rfb.write(&[1]).await;
+    assert_eq!(rfb.u32().await, 0, "security handshake failed");
+    rfb.write(&[1]).await; // ClientInit, shared
+    let width = rfb.u16().await;
+    let height = rfb.u16().await;
+    rfb.read_exact(16).await;
+    let name_length = rfb.u32().await as usize;
+    rfb.read_exact(name_length).await;
+    // SetPixelFormat: 32 bpp, depth 24, little endian, true colour, 8 bits per channel.
+    rfb.write(&[
+        0, 0, 0, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0,
+    ])
+    .await;
+    // SetEncodings: raw only.
+    rfb.write(&[2, 0, 0, 1, 0, 0, 0, 0]).await;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let [w_high, w_low] = width.to_be_bytes();
+        let [h_high, h_low] = height.to_be_bytes();
+        rfb.write(&[3, 0, 0, 0, 0, 0, w_high, w_low, h_high, h_low]).await;
+        let (mut lit, mut total) = (0_u64, 0_u64);
+        loop {
+            match rfb.read_exact(1).await[0] {
+                0 => {
+                    rfb.read_exact(1).await;
+                    let rectangles = rfb.u16().await;
+                    for _ in 0..rectangles {
+                        rfb.read_exact(4).await;
+                        let w = rfb.u16().await as usize;
+                        let h = rfb.u16().await as usize;
+                        let encoding = rfb.u32().await;
+                        assert_eq!(encoding, 0, "asked for raw pixels only");
+                        let pixels = rfb.read_exact(w * h * 4).await;
+                        total += (w * h) as u64;
+                        lit += pixels
+                            .chunks_exact(4)
+                            .filter(|pixel| pixel[..3].iter().any(|channel| *channel != 0))
+                            .count() as u64;
+                    }
+                    break;
+                }
+                2 => {}
+                3 => {
+                    rfb.read_exact(3).await;
+                    let length = rfb.u32().await as usize;
+                    rfb.read_exact(length).await;
+                }
+                other => panic!("unexpected RFB server message type {other}"),
+            }
+        }
+        let share = lit as f64 / total.max(1) as f64;
+        if share > 0.001 || Instant::now() > deadline {
+            return (banner, share);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Polls `check` on the VM's view until it holds; returns the view.
+async fn wait_vm(
+    user: &User,
+    namespace: &str,
+    name: &str,
+    what: &str,
+    logs: &[&Process],
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (status, view) = user.get(&format!("/api/v1/vms/{namespace}/{name}")).await;
+        if status == 200 && check(&view) {
+            return view;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = logs.iter().map(|process| process.log()).collect();
+            panic!(
+                "timed out waiting for {namespace}/{name}: {what}; last: {status} {view:#}\nlogs:\n{}",
+                logs.join("\n-----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn manifest(namespace: &str, name: &str) -> String {
+    serde_json::to_string(&json!({
+        "apiVersion": "paddock.dev/v1alpha1",
+        "kind": "VirtualMachineApp",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "displayName": "Console test VM",
+            "image": {"containerDisk": "registry.example.com/vms/console-test:1", "persistent": false},
+            "resources": {"cpu": 1, "memory": "256Mi"},
+            "runStrategy": "Always",
+        },
+    }))
+    .unwrap()
+}
+
+async fn wait_ready(base: &str, console: &Process) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Ok(response) = reqwest::get(format!("{base}/readyz")).await
+            && response.status() == 200
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the console never became ready:\n{}",
+            console.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_drive_vms_through_the_console_with_their_own_rights() {
+    let Some(cluster) = Cluster::shared().unwrap() else {
+        return;
+    };
+    let namespace: TestNamespace = cluster.namespace("console-k8s").await.unwrap();
+    let ns = namespace.name().to_string();
+    let (console, base) = start_console(cluster, &[]);
+    let operator = start_operator(cluster, &ns, &base);
+    wait_ready(&base, &console).await;
+    let logs = [&console, &operator];
+
+    // The admin: a ServiceAccount bound to cluster-admin, signing in with a TokenRequest token.
+    let admin_token = service_account_token(cluster, &ns, "console-admin");
+    kubectl_apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": format!("{ns}-console-admin")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": "console-admin", "namespace": ns}],
+        }),
+    );
+    let admin = User::new(&base, &admin_token);
+    let session = admin.ok(reqwest::Method::GET, "/api/v1/session", None).await;
+    assert_eq!(session["backend"], "kubernetes");
+    assert_eq!(
+        session["user"]["username"],
+        format!("system:serviceaccount:{ns}:console-admin")
+    );
+    // Signing in exchanges the Kubernetes token for a console session token: what a browser keeps.
+    let signed_in = admin.ok(reqwest::Method::POST, "/api/v1/session", None).await;
+    let session_token = signed_in["token"].as_str().unwrap().to_string();
+    assert!(session_token.starts_with("pds1."), "{signed_in:#}");
+    assert_ne!(session_token, admin_token);
+    let browser = User::new(&base, &session_token);
+    let same = browser.ok(reqwest::Method::GET, "/api/v1/session", None).await;
+    assert_eq!(same["user"]["username"], session["user"]["username"]);
+    let (status, refused) = User::new(&base, "not-a-valid-token-0123456789")
+        .get("/api/v1/vms")
+        .await;
+    assert_eq!(
+        (status, refused["reason"].as_str()),
+        (401, Some("Unauthorized")),
+        "{refused}"
+    );
+
+    // The admin's event stream (from the console's reflectors) reports the VM coming up.
+    let events = tokio::spawn({
+        let url = format!("{base}/api/v1/events");
+        let token = admin_token.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let mut stream = response.bytes_stream();
+            let mut text = String::new();
+            while let Some(chunk) = stream.next().await {
+                text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+                if text.lines().any(|line| {
+                    line.starts_with("data:")
+                        && line.contains("\"name\":\"demo\"")
+                        && line.contains("\"phase\":\"Running\"")
+                }) {
+                    break;
+                }
+            }
+            text
+        }
+    });
+
+    // Create through the console; the operator makes the KubeVirt VM, the simulator runs it.
+    let created = admin
+        .ok(
+            reqwest::Method::POST,
+            "/api/v1/vms",
+            Some(("application/yaml", manifest(&ns, "demo"))),
+        )
+        .await;
+    assert_eq!(created["name"], "demo");
+    assert_eq!(created["runStrategy"], "Always");
+    let running = wait_vm(&admin, &ns, "demo", "Running", &logs, |view| {
+        view["status"]["phase"] == "Running"
+    })
+    .await;
+    assert_eq!(running["displayName"], "Console test VM");
+    assert_eq!(running["manifest"]["kind"], "VirtualMachineApp");
+    let listed = admin
+        .ok(reqwest::Method::GET, &format!("/api/v1/vms?namespace={ns}"), None)
+        .await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed:#}");
+    let events = tokio::time::timeout(Duration::from_secs(30), events)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(events.contains("event: Changed"), "{events}");
+
+    // VNC through the console, signed in with the session: QEMU's RFB banner and a screen that
+    // shows something.
+    let socket = open_websocket(
+        &browser.websocket_url(&format!("/api/v1/vms/{ns}/demo/vnc")),
+        None,
+    )
+    .await
+    .unwrap();
+    let (banner, lit) = rfb_screen(socket).await;
+    assert_eq!(banner, "RFB 003.008\n");
+    assert!(lit > 0.001, "the framebuffer is blank ({lit})");
+
+    // Snapshot, restore (the console stops the VM, restores, starts it again), delete.
+    let snapshot = admin
+        .ok(
+            reqwest::Method::POST,
+            &format!("/api/v1/vms/{ns}/demo/snapshots"),
+            Some(("application/json", json!({"name": "before-upgrade"}).to_string())),
+        )
+        .await;
+    assert_eq!(snapshot["name"], "before-upgrade");
+    assert_eq!(snapshot["takenInPhase"], "Running");
+    let (status, memory) = admin
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/v1/vms/{ns}/demo/snapshots"),
+            Some((
+                "application/json",
+                json!({"name": "with-memory", "memory": true}).to_string(),
+            )),
+        )
+        .await;
+    assert_eq!(
+        (status, memory["reason"].as_str()),
+        (422, Some("Unsupported")),
+        "{memory}"
+    );
+    let restored = admin
+        .ok(
+            reqwest::Method::PUT,
+            &format!("/api/v1/vms/{ns}/demo/snapshots/before-upgrade/restore"),
+            None,
+        )
+        .await;
+    assert_eq!(restored["runStrategy"], "Always", "{restored:#}");
+    let client = cluster.admin_client().await.unwrap();
+    let vms: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &paddock_tests::world::virtual_machines());
+    let vm = vms.get("demo").await.unwrap();
+    assert!(
+        vm.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|annotations| annotations.contains_key("restore.kubevirt.io/lastRestoreUID")),
+        "the VM was not restored: {:?}",
+        vm.metadata.annotations
+    );
+    wait_vm(&admin, &ns, "demo", "Running after the restore", &logs, |view| {
+        view["status"]["phase"] == "Running"
+    })
+    .await;
+    let (status, _) = admin
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/vms/{ns}/demo/snapshots/before-upgrade"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let snapshots = admin
+        .ok(
+            reqwest::Method::GET,
+            &format!("/api/v1/vms/{ns}/demo/snapshots"),
+            None,
+        )
+        .await;
+    assert_eq!(snapshots["items"], json!([]));
+
+    // Migrate (KubeVirt's subresource; the simulator completes the migration) and clone (a
+    // VirtualMachineClone, which the simulated clone controller turns into a new VM).
+    let migrated = admin
+        .ok(
+            reqwest::Method::PUT,
+            &format!("/api/v1/vms/{ns}/demo/migrate"),
+            None,
+        )
+        .await;
+    assert_eq!(migrated["name"], "demo");
+    let clone = admin
+        .ok(
+            reqwest::Method::POST,
+            &format!("/api/v1/vms/{ns}/demo/clone"),
+            Some(("application/json", json!({"name": "demo-copy"}).to_string())),
+        )
+        .await;
+    assert_eq!(
+        (clone["namespace"].as_str(), clone["name"].as_str()),
+        (Some(ns.as_str()), Some("demo-copy")),
+        "{clone:#}"
+    );
+    assert_eq!(clone["manifest"]["kind"], "VirtualMachine", "{clone:#}");
+
+    // The BafflesApplication the operator wrote leads to the same screen, through the console.
+    let listings: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &baffles_applications());
+    let deadline = Instant::now() + TIMEOUT;
+    let url = loop {
+        if let Some(listing) = listings.get_opt("demo").await.unwrap()
+            && let Some(url) = listing.data["spec"]["url"].as_str()
+        {
+            break url.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no BafflesApplication demo:\n{}",
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let path = url
+        .strip_prefix(&base.replacen("http://", "ws://", 1))
+        .unwrap_or_else(|| panic!("{url} is not under {base}"));
+    assert_eq!(
+        path,
+        format!("/k8s/apis/subresources.kubevirt.io/v1/namespaces/{ns}/virtualmachineinstances/demo/vnc")
+    );
+    let (banner, _) = rfb_screen(open_websocket(&admin.websocket_url(path), None).await.unwrap()).await;
+    assert_eq!(banner, "RFB 003.008\n");
+    // Also KubeVirt's older version path, with the token as Kubernetes' websocket subprotocol.
+    let old_path = path.replace("/v1/", "/v1alpha3/");
+    let bearer = {
+        use base64::Engine as _;
+        format!(
+            "base64url.bearer.authorization.k8s.io.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&admin_token)
+        )
+    };
+    let socket = open_websocket(
+        &format!("{}{old_path}", base.replacen("http://", "ws://", 1)),
+        Some(&bearer),
+    )
+    .await
+    .unwrap();
+    let (banner, _) = rfb_screen(socket).await;
+    assert_eq!(banner, "RFB 003.008\n");
+
+    // A user without RBAC: 403s that name the missing permission, and no console.
+    let alice = User::new(&base, &service_account_token(cluster, &ns, "alice"));
+    let (status, body) = alice.get(&format!("/api/v1/vms/{ns}/demo")).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("Forbidden")),
+        "{body:#}"
+    );
+    assert_eq!(
+        body["permission"],
+        json!({"verb": "get", "group": "kubevirt.io", "resource": "virtualmachines", "namespace": ns, "name": "demo"}),
+        "{body:#}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("system:serviceaccount:{ns}:alice")),
+        "{body:#}"
+    );
+    let (status, body) = alice.get(&format!("/api/v1/vms?namespace={ns}")).await;
+    assert_eq!(status, 403, "{body:#}");
+    assert_eq!(body["permission"]["verb"], "list");
+    let everything = alice.ok(reqwest::Method::GET, "/api/v1/vms", None).await;
+    assert_eq!(
+        everything["items"],
+        json!([]),
+        "alice sees only what she may list"
+    );
+    let (status, body) = open_websocket(&alice.websocket_url(&format!("/api/v1/vms/{ns}/demo/vnc")), None)
+        .await
+        .map(drop)
+        .unwrap_err();
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 403, "{body:#}");
+    assert_eq!(
+        body["permission"],
+        json!({"verb": "get", "group": "subresources.kubevirt.io", "resource": "virtualmachineinstances", "subresource": "vnc", "namespace": ns, "name": "demo"}),
+        "{body:#}"
+    );
+
+    // After a RoleBinding that lets her view VMs and open their screens, she can.
+    kubectl_apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "vm-viewer", "namespace": ns},
+            "rules": [
+                {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines", "virtualmachineinstances"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["subresources.kubevirt.io"], "resources": ["virtualmachineinstances/vnc"], "verbs": ["get"]},
+                {"apiGroups": ["snapshot.kubevirt.io"], "resources": ["virtualmachinesnapshots"], "verbs": ["get", "list", "watch"]},
+            ],
+        }),
+    );
+    kubectl_apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "alice-views-vms", "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vm-viewer"},
+            "subjects": [{"kind": "ServiceAccount", "name": "alice", "namespace": ns}],
+        }),
+    );
+    // Denials are cached for a few seconds.
+    let view = wait_vm(&alice, &ns, "demo", "visible to alice", &logs, |view| {
+        view["name"] == "demo"
+    })
+    .await;
+    assert_eq!(view["status"]["phase"], "Running");
+    let listed = alice.ok(reqwest::Method::GET, "/api/v1/vms", None).await;
+    let names: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|vm| vm["name"].as_str())
+        .collect();
+    assert_eq!(names, ["demo", "demo-copy"], "{listed:#}");
+    let (banner, lit) = rfb_screen(
+        open_websocket(&alice.websocket_url(&format!("/api/v1/vms/{ns}/demo/vnc")), None)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(banner, "RFB 003.008\n");
+    assert!(lit > 0.001, "the framebuffer is blank ({lit})");
+    // Stopping edits the app's runStrategy (the operator owns the VM's), which she may not patch.
+    let (status, body) = alice
+        .request(reqwest::Method::PUT, &format!("/api/v1/vms/{ns}/demo/stop"), None)
+        .await;
+    assert_eq!(status, 403, "{body:#}");
+    assert_eq!(
+        body["permission"],
+        json!({"verb": "patch", "group": "paddock.dev", "resource": "virtualmachineapps", "namespace": ns, "name": "demo"}),
+        "{body:#}"
+    );
+
+    // The admin stops it (the app says Halted, the operator halts the VM) and deletes it.
+    let stopped = admin
+        .ok(reqwest::Method::PUT, &format!("/api/v1/vms/{ns}/demo/stop"), None)
+        .await;
+    assert_eq!(stopped["runStrategy"], "Halted");
+    wait_vm(&admin, &ns, "demo", "Stopped", &logs, |view| {
+        view["status"]["phase"] == "Stopped"
+    })
+    .await;
+    let (status, body) = admin
+        .request(reqwest::Method::DELETE, &format!("/api/v1/vms/{ns}/demo"), None)
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, _) = admin.get(&format!("/api/v1/vms/{ns}/demo")).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_headers_are_believed_only_when_enabled() {
+    let Some(cluster) = Cluster::shared().unwrap() else {
+        return;
+    };
+    let headers = [
+        ("X-Forwarded-User", "paddock-admin"),
+        ("X-Forwarded-Groups", "system:masters"),
+    ];
+    let ask = |base: String| async move {
+        let mut request = reqwest::Client::new().get(format!("{base}/api/v1/session"));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            serde_json::from_str::<Value>(&response.text().await.unwrap()).unwrap(),
+        )
+    };
+
+    let (plain, plain_base) = start_console(cluster, &[]);
+    wait_ready(&plain_base, &plain).await;
+    let (status, body) = ask(plain_base.clone()).await;
+    assert_eq!(
+        status, 401,
+        "headers must not be believed without the flag: {body:#}"
+    );
+
+    let (proxied, proxied_base) = start_console(
+        cluster,
+        &[
+            "--auth-proxy-user-header",
+            "X-Forwarded-User",
+            "--auth-proxy-groups-header",
+            "X-Forwarded-Groups",
+        ],
+    );
+    wait_ready(&proxied_base, &proxied).await;
+    let (status, body) = ask(proxied_base.clone()).await;
+    assert_eq!(status, 200, "{body:#}\n{}", proxied.log());
+    assert_eq!(
+        body["user"],
+        json!({"username": "paddock-admin", "groups": ["system:masters"]})
+    );
+}
