@@ -79,6 +79,11 @@ enum Command {
     ///
     /// Example: `paddock backup create debian registry.example.com/backups/debian`
     Backup(crate::backup::BackupArgs),
+    /// Move a VM between the local runtime and a cluster (or within one): backup, restore, verify
+    /// it runs, then (with --delete-source) delete the source.
+    ///
+    /// Example: `paddock move local:web cluster:vms/web --via registry.example.com/backups/web`
+    Move(crate::move_vm::MoveArgs),
     /// Upload a disk file into a new DataVolume through CDI's upload proxy (what `virtctl
     /// image-upload` does), with size checks before sending and a progress bar.
     ///
@@ -125,6 +130,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Snapshot(arguments) => crate::vm::run_snapshot(&arguments),
         Command::Operator(arguments) => crate::operator::run(&arguments),
         Command::Backup(arguments) => crate::backup::run(&arguments),
+        Command::Move(arguments) => crate::move_vm::run(&arguments),
         Command::Upload(arguments) => crate::upload::run(&arguments),
         Command::Chart(arguments) => crate::chart::run(&arguments),
     };

@@ -4,6 +4,7 @@ mod backup;
 mod chart;
 mod cli;
 mod disk_input;
+mod move_vm;
 mod operator;
 mod package;
 mod progress;

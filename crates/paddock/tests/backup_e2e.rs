@@ -230,8 +230,8 @@ impl Drop for OperatorProcess {
 /// Moving a VM from this machine into a cluster: a local VM's backup, restored as a
 /// VirtualMachineApp (`backup restore --dry-run`) in the control-plane harness, is imported by the
 /// simulated CDI from the registry (pinned by digest, verified) and started; the imported disk has
-/// exactly the local VM's data. (The simulator's consoles boot the fixed test disk, not the
-/// imported one, so the data is checked on the imported disk file.)
+/// exactly the local VM's data, byte for byte (`backup_marker.rs` boots such a restore and reads a
+/// marker over the serial console).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_backup_restores_into_the_cluster() {
     use kube::api::{Api, DynamicObject, PostParams};

@@ -10,9 +10,18 @@
 //! (`https://virt-export-<name>.<namespace>.svc/...`) and external
 //! (`https://virt-exportproxy.simulator.invalid/api/export.kubevirt.io/v1/namespaces/<ns>/virtualmachineexports/<name>/...`),
 //! each with the `all` and `auth-header-secret` manifests and per volume the `raw` (`disk.img`) and
-//! `gzip` (`disk.img.gz`) formats and a self-signed `cert`. Otherwise Pending with KubeVirt's reasons
+//! `gzip` (`disk.img.gz`) formats and a `cert`. Otherwise Pending with KubeVirt's reasons
 //! (`VMNotFound`, `VMNoVolumes`, `VolumesNotPopulated`, `InUse`, `VMSnapshotNotFound`, `PVCNotFound`).
-//! Nothing serves those URLs: there is no exporter pod, Service or proxy.
+//!
+//! The external links are served (as KubeVirt's virt-exportproxy would, at
+//! `/api/export.kubevirt.io/v1beta1/namespaces/<ns>/virtualmachineexports/<name>/volumes/<volume>/disk.img`)
+//! by the upload proxy's HTTPS server, and their `cert` is that server's certificate chain:
+//! [`serve_volume`] checks the `x-kubevirt-export-token` header (or query parameter) against the
+//! token Secret, and streams the volume's disk (the DataVolume's imported or uploaded file) as raw.
+//! `disk.img.gz` answers 501 (nothing compresses here). A snapshot's volumes are its source VM's
+//! DataVolumes: the simulated snapshot copies no data, and nothing writes those files after the
+//! import (the simulated virt-handler boots an overlay), so that is the snapshot's content.
+//! The internal links (`*.svc`) are not served: there is no exporter pod or Service.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,23 +44,40 @@ use crate::conditions::{
 };
 use crate::{Error, TlsMaterial};
 
-/// The made-up external host of the export proxy (there is no Ingress or Route here).
-const EXTERNAL_HOST: &str = "virt-exportproxy.simulator.invalid";
+/// The header (and query parameter) carrying the export token.
+const TOKEN_HEADER: &str = "x-kubevirt-export-token";
 /// KubeVirt's default export time to live.
 const DEFAULT_TTL: Duration = Duration::from_secs(2 * 60 * 60);
 
 struct Context {
     client: Client,
+    /// `host:port` of the server that serves the external links.
+    external_host: String,
+    /// That server's certificate chain (PEM), the links' `cert`.
+    external_certificate: String,
 }
 
-/// Runs the export controller until its watch ends.
-pub(crate) async fn run(client: Client) -> Result<(), Error> {
+/// Runs the export controller until its watch ends; external links point at `external_host`
+/// (`host:port`), whose certificate chain is `external_certificate`.
+pub(crate) async fn run(
+    client: Client,
+    external_host: String,
+    external_certificate: String,
+) -> Result<(), Error> {
     let controller = Controller::new(
         Api::<VirtualMachineExport>::all(client.clone()),
         watcher::Config::default(),
     )
     .owns(Api::<Secret>::all(client.clone()), watcher::Config::default())
-    .run(reconcile, retry_on_error, Arc::new(Context { client }));
+    .run(
+        reconcile,
+        retry_on_error,
+        Arc::new(Context {
+            client,
+            external_host,
+            external_certificate,
+        }),
+    );
     drive("export controller", controller).await
 }
 
@@ -309,11 +335,12 @@ async fn reconcile(
     }
     let service_name = format!("virt-export-{name}");
     let internal_host = format!("{service_name}.{namespace}.svc");
-    let certificate = TlsMaterial::self_signed(&[internal_host.as_str(), EXTERNAL_HOST])
+    let certificate = TlsMaterial::self_signed(&[internal_host.as_str()])
         .map_err(|error| ReconcileError::Other(error.to_string()))?
         .certificate_chain_pem;
     let external_base = format!(
-        "{EXTERNAL_HOST}/api/export.kubevirt.io/v1/namespaces/{namespace}/virtualmachineexports/{name}"
+        "{}/api/export.kubevirt.io/v1beta1/namespaces/{namespace}/virtualmachineexports/{name}",
+        context.external_host
     );
     let manifests = vm_name.is_some();
     let ttl = export
@@ -340,7 +367,7 @@ async fn reconcile(
         "ttlExpirationTime": expiration,
         "links": {
             "internal": links(&internal_host, "internal", &volumes, &certificate, manifests),
-            "external": links(&external_base, "external", &volumes, &certificate, manifests),
+            "external": links(&external_base, "external", &volumes, &context.external_certificate, manifests),
         },
         "conditions": conditions,
     });
@@ -350,6 +377,164 @@ async fn reconcile(
     patch_status(&exports, &name, patch).await?;
     tracing::info!(export = %name, namespace, "export ready");
     Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// Serves `file` (`disk.img` or `disk.img.gz`) of `volume` of export `namespace/name` to a client
+/// presenting `token` (see the module contract).
+pub(crate) async fn serve_volume(
+    shared: &crate::datavolume::Shared,
+    (namespace, name, volume, file): (String, String, String, String),
+    token: Option<String>,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let refuse = |status: StatusCode, message: String| (status, message).into_response();
+    let exports = Api::<VirtualMachineExport>::namespaced(shared.client.clone(), &namespace);
+    let export = match exports.get_opt(&name).await {
+        Ok(Some(export)) => export,
+        Ok(None) => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("export {namespace}/{name} not found"),
+            );
+        }
+        Err(error) => return refuse(StatusCode::BAD_GATEWAY, error.to_string()),
+    };
+    let status = export.status.clone().unwrap_or_default();
+    if status.phase.as_deref() != Some("Ready") {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("export {name} is not ready"),
+        );
+    }
+    let secret_name = status.token_secret_ref.clone().unwrap_or_default();
+    let secret = Api::<Secret>::namespaced(shared.client.clone(), &namespace)
+        .get_opt(&secret_name)
+        .await
+        .ok()
+        .flatten();
+    let expected = secret
+        .and_then(|secret| secret.data)
+        .and_then(|data| data.get("token").cloned())
+        .map(|token| token.0);
+    match (expected, token) {
+        (Some(expected), Some(token)) if expected == token.as_bytes() => {}
+        _ => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "invalid or missing export token".to_owned(),
+            );
+        }
+    }
+    let exported = serde_json::to_value(&status.links)
+        .unwrap_or_default()
+        .pointer("/external/volumes")
+        .and_then(Value::as_array)
+        .is_some_and(|volumes| volumes.iter().any(|entry| entry["name"] == volume.as_str()));
+    if !exported {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("volume {volume} is not in export {name}"),
+        );
+    }
+    if file == "disk.img.gz" {
+        return refuse(
+            StatusCode::NOT_IMPLEMENTED,
+            "the simulator serves disk.img only".to_owned(),
+        );
+    }
+    if file != "disk.img" {
+        return refuse(StatusCode::NOT_FOUND, format!("no {file}"));
+    }
+    let disk = Api::<DataVolume>::namespaced(shared.client.clone(), &namespace)
+        .get_opt(&volume)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|data_volume| {
+            data_volume
+                .annotations()
+                .get(crate::ANNOTATION_DISK_PATH)
+                .cloned()
+        });
+    let Some(disk) = disk else {
+        return refuse(StatusCode::NOT_FOUND, format!("volume {volume} has no disk"));
+    };
+    // The exporter serves the PVC's raw content; the imported file may be qcow2.
+    let directory = shared.work_dir.join("exports");
+    let raw = directory.join(format!("{namespace}-{name}-{volume}-{}.raw", random_suffix()));
+    let converted = match tokio::fs::create_dir_all(&directory).await {
+        Ok(()) => tokio::process::Command::new("qemu-img")
+            .args(["convert", "-U", "-O", "raw"])
+            .arg(&disk)
+            .arg(&raw)
+            .output()
+            .await
+            .map_err(|error| error.to_string())
+            .and_then(|output| {
+                if output.status.success() {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&output.stderr).into_owned())
+                }
+            }),
+        Err(error) => Err(error.to_string()),
+    };
+    if let Err(error) = converted {
+        let _ = std::fs::remove_file(&raw);
+        return refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the disk: {error}"),
+        );
+    }
+    let file = match tokio::fs::File::open(&raw).await {
+        Ok(file) => file,
+        Err(error) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+    };
+    let length = file.metadata().await.map(|metadata| metadata.len()).unwrap_or(0);
+    // Unlinked now: the open file stays readable and nothing is left behind.
+    let _ = std::fs::remove_file(&raw);
+    let stream = futures_util::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = vec![0u8; 1 << 20];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(read) => {
+                buffer.truncate(read);
+                Some((Ok::<_, std::io::Error>(buffer), file))
+            }
+            Err(error) => Some((Err(error), file)),
+        }
+    });
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_owned(),
+            ),
+            (axum::http::header::CONTENT_LENGTH, length.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+fn random_suffix() -> String {
+    random_string(b"0123456789abcdef", 8).unwrap_or_default()
+}
+
+/// The export token of a request: the `x-kubevirt-export-token` header, else the query parameter.
+pub(crate) fn request_token(headers: &axum::http::HeaderMap, query: Option<&str>) -> Option<String> {
+    headers
+        .get(TOKEN_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| {
+            query?.split('&').find_map(|pair| {
+                let (key, value) = pair.split_once('=')?;
+                (key == TOKEN_HEADER).then(|| value.to_owned())
+            })
+        })
 }
 
 /// Parses the Go durations `ttlDuration` uses (`2h`, `30m`, `1h30m`, `90s`).
@@ -390,5 +575,20 @@ mod tests {
         assert_eq!(token.len(), 20);
         assert!(token.chars().all(|character| character.is_ascii_alphanumeric()));
         assert_ne!(token, export_token().unwrap());
+    }
+
+    #[test]
+    fn the_export_token_comes_from_the_header_or_the_query() {
+        let mut headers = axum::http::HeaderMap::new();
+        assert_eq!(
+            request_token(&headers, Some("a=b&x-kubevirt-export-token=q")).as_deref(),
+            Some("q")
+        );
+        assert_eq!(request_token(&headers, Some("a=b")), None);
+        headers.insert(TOKEN_HEADER, axum::http::HeaderValue::from_static("h"));
+        assert_eq!(
+            request_token(&headers, Some("x-kubevirt-export-token=q")).as_deref(),
+            Some("h")
+        );
     }
 }

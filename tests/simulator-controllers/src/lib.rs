@@ -119,13 +119,18 @@ pub async fn run(client: kube::Client, options: Options) -> Result<(), Error> {
         source,
     })?;
     let shared = datavolume::Shared::new(client.clone(), options.work_dir.clone());
+    let export_certificate = options.upload_proxy_tls.certificate_chain_pem.clone();
     tokio::select! {
         result = upload_proxy::serve(listener, options.upload_proxy_tls, options.upload_tokens, shared.clone()) => result,
         result = datavolume::run(shared, upload_proxy_address) => result,
         result = virt_controller::run(client.clone()) => result,
         result = snapshot::run_snapshots(client.clone()) => result,
         result = snapshot::run_restores(client.clone()) => result,
-        result = export::run(client.clone()) => result,
+        result = export::run(
+            client.clone(),
+            upload_proxy_address.to_string(),
+            export_certificate,
+        ) => result,
         result = clone::run(client) => result,
     }
 }

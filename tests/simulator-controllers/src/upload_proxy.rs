@@ -110,6 +110,10 @@ pub(crate) async fn serve(
         .route("/v1beta1/upload-async", any(upload))
         .route("/v1alpha1/upload", any(upload))
         .route("/v1alpha1/upload-async", any(upload))
+        .route(
+            "/api/export.kubevirt.io/v1beta1/namespaces/{namespace}/virtualmachineexports/{name}/volumes/{volume}/{file}",
+            get(export_volume),
+        )
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn(allow_all_origins))
         .with_state(Arc::new(state));
@@ -126,6 +130,17 @@ pub(crate) async fn serve(
             Err(error) => error.to_string(),
         },
     })
+}
+
+/// The simulated virt-exportproxy: an export's volume (see `export`).
+async fn export_volume(
+    State(state): State<Arc<ProxyState>>,
+    axum::extract::Path(target): axum::extract::Path<(String, String, String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let token = crate::export::request_token(&headers, uri.query());
+    crate::export::serve_volume(&state.shared, target, token).await
 }
 
 fn text(status: StatusCode, message: impl Into<String>) -> Response {

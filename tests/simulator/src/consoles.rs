@@ -9,7 +9,7 @@
 //! present.", 409 "VMI is in failed status", ...), so failures are plain HTTP `Status` answers; the
 //! websocket closes when either side closes.
 
-use std::path::Path as FilePath;
+use std::path::{Path as FilePath, PathBuf};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -70,6 +70,43 @@ fn uid(vmi: &Value) -> &str {
     vmi.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("")
 }
 
+/// The disk file the simulated CDI imported (or received by upload) for the first of the VMI's
+/// volumes that is a DataVolume or PVC (a PVC is a DataVolume of that name here: there are no
+/// PVCs), when that file exists; `None` boots the test disk (see `machines`).
+async fn volume_disk(state: &AppState, namespace: &str, vmi: &Value) -> Option<PathBuf> {
+    let claims = vmi
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|volume| {
+            volume
+                .pointer("/dataVolume/name")
+                .or_else(|| volume.pointer("/persistentVolumeClaim/claimName"))
+                .and_then(Value::as_str)
+        });
+    let data_volumes =
+        kube::Api::<paddock_api::cdi::datavolume::DataVolume>::namespaced(state.client().clone(), namespace);
+    for claim in claims {
+        let Ok(Some(data_volume)) = data_volumes.get_opt(claim).await else {
+            continue;
+        };
+        let Some(path) = data_volume
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(paddock_kubevirt_controllers::ANNOTATION_DISK_PATH))
+        else {
+            continue;
+        };
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Some(path);
+        }
+    }
+    None
+}
+
 /// Which socket a websocket is bridged to.
 #[derive(Clone, Copy)]
 enum Stream {
@@ -122,9 +159,10 @@ async fn connect(
         Stream::Vnc => validate_display(&vmi)?,
         Stream::Serial => validate_console(&vmi, name)?,
     }
+    let disk = volume_disk(state, namespace, &vmi).await;
     let machines = state.machines();
     let id = machines
-        .ensure(namespace, name, uid(&vmi))
+        .ensure(namespace, name, uid(&vmi), disk.as_deref())
         .await
         .map_err(StatusError::internal)?;
     let path = match stream {
@@ -199,9 +237,10 @@ pub async fn screenshot(
 async fn take_screenshot(state: &AppState, namespace: &str, name: &str) -> Result<Vec<u8>, StatusError> {
     let vmi = fetch_vmi(state, namespace, name).await?;
     validate_display(&vmi)?;
+    let disk = volume_disk(state, namespace, &vmi).await;
     let machines = state.machines();
     let id = machines
-        .ensure(namespace, name, uid(&vmi))
+        .ensure(namespace, name, uid(&vmi), disk.as_deref())
         .await
         .map_err(StatusError::internal)?;
     machines.screenshot(&id).await.map_err(StatusError::internal)

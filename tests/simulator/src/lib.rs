@@ -169,7 +169,8 @@ pub async fn run(options: Options) -> Result<(), SimulatorError> {
         work_dir: options.state_dir.join("controllers"),
         upload_proxy_address: SocketAddr::from(([127, 0, 0, 1], 0)),
         upload_proxy_tls: paddock_kubevirt_controllers::TlsMaterial {
-            certificate_chain_pem: upload_certificate,
+            // Leaf then CA: the export links' `cert` is this chain, and clients trust its CA.
+            certificate_chain_pem: format!("{upload_certificate}{}", material.ca_pem),
             private_key_pem: upload_key,
         },
         upload_tokens: upload_tokens.clone(),

@@ -1,7 +1,7 @@
 //! Real QEMU machines behind the VNC, console and screenshot subresources.
 //!
 //! Role: a running VMI in the simulated world is only an object; its console must still be real. The
-//! first `vnc`, `console` or `vnc/screenshot` request for a running VMI boots the test disk under
+//! first `vnc`, `console` or `vnc/screenshot` request for a running VMI boots its disk under
 //! QEMU with paddock's local runtime (`paddock-local`, KVM when usable, TCG otherwise) and connects
 //! the request to that QEMU's VNC or serial socket. Booting lazily keeps tests that never open a
 //! console from paying a boot (several seconds under TCG on a 2-core machine).
@@ -9,6 +9,10 @@
 //! Contract:
 //! - one QEMU per VMI uid: [`Machines::ensure`] boots it (or returns the running one); a VMI
 //!   recreated under the same name (new uid) gets a fresh machine;
+//! - the disk booted is the one the simulated CDI imported or received for the VMI's DataVolume or
+//!   PVC (the caller finds it, see `consoles`), through an overlay so it is never written — as a
+//!   real VM's disk would be its PVC, and so what a VM wrote before a backup is there after a
+//!   restore; a VMI without such a disk (containerDisk, no import yet) boots the test disk;
 //! - [`Machines::reap`] stops and deletes machines whose VMI is gone, has another uid or is no longer
 //!   Running; [`Machines::shutdown`] stops them all (QEMU outlives its runtime otherwise);
 //! - pause/resume/soft reboot reach the machine only if one was booted; without one there is
@@ -91,8 +95,15 @@ impl Machines {
         })
     }
 
-    /// The machine of VMI `namespace/name` with `uid`, booted now if it is not running.
-    pub async fn ensure(&self, namespace: &str, name: &str, uid: &str) -> Result<VmId, MachineError> {
+    /// The machine of VMI `namespace/name` with `uid`, booted now if it is not running, from `disk`
+    /// (the imported DataVolume's file) or else the test disk.
+    pub async fn ensure(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        disk: Option<&Path>,
+    ) -> Result<VmId, MachineError> {
         let id = VmId::new(namespace, name).map_err(|source| MachineError::Runtime {
             id: format!("{namespace}/{name}"),
             source: Box::new(source),
@@ -112,12 +123,13 @@ impl Machines {
             self.runtime.delete(&id, true).await.map_err(wrap)?;
         }
         booted.remove(&id);
+        let disk = disk.unwrap_or(&self.guest_disk);
         let app = serde_json::from_value(serde_json::json!({
             "apiVersion": "paddock.dev/v1alpha1",
             "kind": "VirtualMachineApp",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {
-                "image": {"containerDisk": format!("file:{}", self.guest_disk.display())},
+                "image": {"containerDisk": format!("file:{}", disk.display())},
                 "resources": {"cpu": 1, "memory": "256Mi"},
                 // Manual: the simulated VMI decides when this machine runs, not the local runtime.
                 "runStrategy": "Manual",
@@ -132,7 +144,7 @@ impl Machines {
         self.runtime.create(app).await.map_err(wrap)?;
         self.runtime.start(&id).await.map_err(wrap)?;
         booted.insert(id.clone(), uid.to_string());
-        tracing::info!(vm = %id, uid, "booted qemu for the vmi's console");
+        tracing::info!(vm = %id, uid, disk = %disk.display(), "booted qemu for the vmi's console");
         Ok(id)
     }
 
