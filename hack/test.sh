@@ -38,6 +38,7 @@ cargo test --workspace --locked --no-fail-fast
 
 step "web console end-to-end (Playwright, Chromium, real QEMU; screenshots in target/web-screenshots)"
 node web/tests/console.test.mjs
+node web/tests/console-kubernetes.test.mjs  # the same UI against paddock serve --kubeconfig on the test cluster
 
 step "Kubernetes control plane smoke test"
 tests/cluster/smoke.sh

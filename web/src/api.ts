@@ -4,6 +4,31 @@
 
 const TOKEN_KEY = "paddock.token";
 
+/** Which backend the server runs: `local` (QEMU on that machine) or `kubernetes` (KubeVirt). */
+export type BackendKind = "local" | "kubernetes";
+
+let backendKind: BackendKind = "local";
+
+/** The backend learned by {@link loadBackend}; `local` until then. */
+export function backend(): BackendKind {
+  return backendKind;
+}
+
+/**
+ * Asks the server which backend it runs, from the public `/readyz` (its `backend` field is there
+ * before anyone signs in, even while the server is not ready yet, with 503).
+ */
+export async function loadBackend(): Promise<BackendKind> {
+  try {
+    const response = await fetch("/readyz", { headers: { Accept: "application/json" }, cache: "no-store" });
+    const body = (await response.json()) as { backend?: string };
+    backendKind = body.backend === "kubernetes" ? "kubernetes" : "local";
+  } catch {
+    backendKind = "local";
+  }
+  return backendKind;
+}
+
 /** A VM as the API shows it (the `Vm` schema). */
 export interface Vm {
   namespace: string;
@@ -44,15 +69,39 @@ export type VmEvent =
   | { type: "Deleted"; namespace: string; name: string }
   | { type: "Lagged"; missed: number };
 
-/** A refused or failed request, with the API's `{code, reason, message}`. */
+/** What a 403 says the signed-in Kubernetes user lacks (the `Permission` schema). */
+export interface Permission {
+  verb: string;
+  group: string;
+  resource: string;
+  subresource?: string;
+  namespace?: string;
+  name?: string;
+}
+
+/** A refused or failed request, with the API's `{code, reason, message}` (and `permission` on a 403). */
 export class ApiError extends Error {
   constructor(
     readonly code: number,
     readonly reason: string,
     message: string,
+    readonly permission?: Permission,
   ) {
     super(message);
   }
+}
+
+/** The sentence a person needs when a permission is missing: what to ask for, and from whom. */
+export function permissionExplanation(permission: Permission): string {
+  const resource = permission.subresource ? `${permission.resource}/${permission.subresource}` : permission.resource;
+  const where = permission.namespace ? `in namespace ${permission.namespace}` : "in every namespace (cluster-wide)";
+  return `You need permission to ${permission.verb} ${resource} ${where}. Ask your cluster administrator for a Role that allows it.`;
+}
+
+/** An error as one line for a toast: the permission sentence for a 403, else the message. */
+export function describeError(error: unknown): string {
+  if (error instanceof ApiError && error.permission) return permissionExplanation(error.permission);
+  return error instanceof Error ? error.message : String(error);
 }
 
 /** The access token of this browser tab, if signed in. */
@@ -101,14 +150,43 @@ export async function request<T>(
     parsed = undefined;
   }
   if (!response.ok) {
-    const error = parsed as { code?: number; reason?: string; message?: string } | undefined;
+    const error = parsed as { code?: number; reason?: string; message?: string; permission?: Permission } | undefined;
     throw new ApiError(
       response.status,
       error?.reason ?? response.statusText,
       error?.message ?? `${method} ${path} failed with HTTP ${response.status}`,
+      error?.permission,
     );
   }
   return parsed as T;
+}
+
+/** A signed-in console session (`POST /api/v1/session`). */
+export interface Session {
+  token: string;
+  expires?: string;
+  user: { username: string; groups: string[] };
+}
+
+/**
+ * Kubernetes mode: exchanges a Kubernetes bearer token for a console session token. Only the
+ * session token is kept by the caller; the Kubernetes token is used for this one request.
+ */
+export function createSession(kubernetesToken: string): Promise<Session> {
+  return request<Session>("POST", "/api/v1/session", undefined, kubernetesToken);
+}
+
+/** Kubernetes mode: migrates a running VM to another node. */
+export function migrate(namespace: string, name: string): Promise<Vm> {
+  return request<Vm>("PUT", `${vmPath(namespace, name)}/migrate`);
+}
+
+/** Kubernetes mode: clones a VM into a new one named `cloneName` in the same namespace. */
+export function cloneVm(namespace: string, name: string, cloneName: string): Promise<Vm> {
+  return request<Vm>("POST", `${vmPath(namespace, name)}/clone`, {
+    text: JSON.stringify({ name: cloneName }),
+    contentType: "application/json",
+  });
 }
 
 /** Every VM. */
@@ -133,8 +211,8 @@ export async function screenshotUrl(namespace: string, name: string): Promise<st
     cache: "no-store",
   });
   if (!response.ok) {
-    const error = (await response.json().catch(() => ({}))) as { reason?: string; message?: string };
-    throw new ApiError(response.status, error.reason ?? "", error.message ?? `HTTP ${response.status}`);
+    const error = (await response.json().catch(() => ({}))) as { reason?: string; message?: string; permission?: Permission };
+    throw new ApiError(response.status, error.reason ?? "", error.message ?? `HTTP ${response.status}`, error.permission);
   }
   return URL.createObjectURL(await response.blob());
 }

@@ -9,7 +9,7 @@
 import RFB from "@novnc/novnc";
 import { FitAddon } from "@xterm/addon-fit";
 import { Terminal } from "@xterm/xterm";
-import { KUBEVIRT_SUBPROTOCOL, getVm, websocketUrl } from "./api";
+import { ApiError, KUBEVIRT_SUBPROTOCOL, backend, getVm, screenshotUrl, websocketUrl } from "./api";
 import { h, phaseBadge, replaceChildren } from "./dom";
 import { store } from "./store";
 import { Page, errorBox } from "./ui";
@@ -60,6 +60,21 @@ function header(namespace: string, name: string, current: "console" | "serial"):
   );
 }
 
+/**
+ * Kubernetes mode: a browser cannot read why a websocket upgrade was refused, so before (and
+ * after a failed) connection ask an HTTP route that needs the same permission (the screenshot
+ * needs `get virtualmachineinstances/vnc`, like the screen) and return its 403, if any.
+ */
+async function consoleRefusal(namespace: string, name: string): Promise<ApiError | null> {
+  if (backend() !== "kubernetes") return null;
+  try {
+    URL.revokeObjectURL(await screenshotUrl(namespace, name));
+    return null;
+  } catch (error) {
+    return error instanceof ApiError && error.code === 403 ? error : null;
+  }
+}
+
 export const vncPage: Page = (root, [namespace, name]) => {
   const screen = h("div", { class: "vnc-screen", id: "vnc-screen" });
   const status = h("span", { class: "console-status", role: "status", id: "vnc-status" }, "Connecting…");
@@ -82,10 +97,27 @@ export const vncPage: Page = (root, [namespace, name]) => {
     for (const keysym of [...keysyms].reverse()) rfb.sendKey(keysym, null, false);
   };
 
+  // A refused console shows the explanation instead of an empty black screen.
+  const refuse = (error: ApiError): void => {
+    status.textContent = "Not allowed";
+    frame.hidden = true;
+    screen.dataset.connected = "false";
+    replaceChildren(errorArea, errorBox(error, "You cannot open this console"));
+  };
+
   const connect = (): void => {
     clearTimeout(reconnectTimer);
     errorArea.replaceChildren();
     status.textContent = "Connecting…";
+    void consoleRefusal(namespace, name).then((refusal) => {
+      if (leaving) return;
+      if (refusal) refuse(refusal);
+      else openSession();
+    });
+  };
+
+  const openSession = (): void => {
+    frame.hidden = false;
     const url = websocketUrl(namespace, name, "vnc", "&preserveSession=true");
     const session = new RFB(screen, url, { shared: true, wsProtocols: [KUBEVIRT_SUBPROTOCOL] });
     rfb = session;
@@ -106,8 +138,13 @@ export const vncPage: Page = (root, [namespace, name]) => {
       status.textContent = clean ? "Disconnected" : "Connection lost";
       // The websocket cannot carry the API's error message, so ask the API why.
       getVm(namespace, name).then(
-        (vm) => {
+        async (vm) => {
           store.put(vm);
+          const refusal = await consoleRefusal(namespace, name);
+          if (refusal) {
+            refuse(refusal);
+            return;
+          }
           if (vm.status.phase === "Running" || vm.status.phase === "Paused") {
             status.textContent = "Connection lost; reconnecting…";
             reconnectTimer = setTimeout(connect, RECONNECT_DELAY_MS);
@@ -115,7 +152,10 @@ export const vncPage: Page = (root, [namespace, name]) => {
             replaceChildren(errorArea, errorBox(`The VM is ${vm.status.phase}; start it to use its screen.`, "The console closed"));
           }
         },
-        (error) => replaceChildren(errorArea, errorBox(error, "The console closed")),
+        (error) => {
+          if (error instanceof ApiError && error.permission) refuse(error);
+          else replaceChildren(errorArea, errorBox(error, "The console closed"));
+        },
       );
     });
     session.addEventListener("securityfailure", (event) => {

@@ -1,7 +1,7 @@
 // The create wizard: image, resources, cloud-init, review. The YAML on the right is exactly the
 // body POSTed to /api/v1/vms, so what the user reviews is what the server receives.
 
-import { Vm, request } from "./api";
+import { Vm, backend, request } from "./api";
 import { h, replaceChildren } from "./dom";
 import { store } from "./store";
 import { Page, withProgress } from "./ui";
@@ -24,6 +24,8 @@ interface Draft {
   userData: string;
   sshKey: string;
   startNow: boolean;
+  /** Kubernetes mode: import the image into a persistent volume (CDI) instead of an ephemeral containerDisk. */
+  persistent: boolean;
 }
 
 /** The VirtualMachineApp a draft describes. */
@@ -33,6 +35,8 @@ export function manifestOf(draft: Draft): Record<string, unknown> {
   const spec: Record<string, unknown> = {};
   if (draft.displayName.trim()) spec.displayName = draft.displayName.trim();
   spec.image = { containerDisk: image && !image.startsWith(prefix) ? prefix + image : image };
+  // The CRD's default is persistent; say so only when it is not (Kubernetes mode asks).
+  if (!draft.persistent) (spec.image as Record<string, unknown>).persistent = false;
   spec.resources = { cpu: Number(draft.cpu) || 1, memory: draft.memory.trim() };
   if (draft.diskSize.trim()) spec.disk = { size: draft.diskSize.trim() };
   const cloudInit: Record<string, unknown> = {};
@@ -42,7 +46,8 @@ export function manifestOf(draft: Draft): Record<string, unknown> {
   if (Object.keys(cloudInit).length) spec.cloudInit = cloudInit;
   spec.runStrategy = draft.startNow ? "Always" : "Halted";
   const metadata: Record<string, unknown> = { name: draft.name.trim() };
-  if (draft.namespace.trim() && draft.namespace.trim() !== "default") metadata.namespace = draft.namespace.trim();
+  // In a cluster the namespace is always written: it decides whose RBAC applies.
+  if (draft.namespace.trim() && (draft.namespace.trim() !== "default" || backend() === "kubernetes")) metadata.namespace = draft.namespace.trim();
   return { apiVersion: "paddock.dev/v1alpha1", kind: "VirtualMachineApp", metadata, spec };
 }
 
@@ -52,6 +57,7 @@ function problems(draft: Draft, step: number): Record<string, string> {
   if (step === 0) {
     if (!NAME_PATTERN.test(draft.name.trim())) found["vm-name"] = "Use 1–63 lowercase letters, digits and '-', starting and ending with a letter or digit.";
     if (draft.namespace.trim() && !NAME_PATTERN.test(draft.namespace.trim())) found["vm-namespace"] = "Same rules as the name.";
+    if (backend() === "kubernetes" && !draft.namespace.trim()) found["vm-namespace"] = "Give the namespace to create the VM in.";
     if (!draft.image.trim()) {
       found["vm-image"] =
         draft.imageKind === "registry"
@@ -66,6 +72,7 @@ function problems(draft: Draft, step: number): Record<string, string> {
     if (!Number.isInteger(cpu) || cpu < 1 || cpu > 64) found["vm-cpu"] = "Between 1 and 64 virtual CPUs.";
     if (!QUANTITY_PATTERN.test(draft.memory.trim())) found["vm-memory"] = "A size such as 512Mi or 2Gi.";
     if (draft.diskSize.trim() && !QUANTITY_PATTERN.test(draft.diskSize.trim())) found["vm-disk"] = "A size such as 10Gi, or empty for the image's size.";
+    if (backend() === "kubernetes" && draft.persistent && !draft.diskSize.trim()) found["vm-disk"] = "A persistent disk needs a size at least the image's virtual size, e.g. 10Gi.";
   }
   if (step === 2) {
     for (const key of draft.sshKey.split("\n").map((line) => line.trim()).filter(Boolean)) {
@@ -78,9 +85,12 @@ function problems(draft: Draft, step: number): Record<string, string> {
 const STEPS = ["Image", "Resources", "Cloud-init", "Review"];
 
 export const createPage: Page = (root) => {
+  const kubernetes = backend() === "kubernetes";
+  // In a cluster, start from the namespace of the VMs the user sees (where they likely may create).
+  const seenNamespaces = Array.from(new Set(Array.from(store.vms.values()).map((vm) => vm.namespace))).sort();
   const draft: Draft = {
     name: "",
-    namespace: "default",
+    namespace: kubernetes ? (seenNamespaces[0] ?? "") : "default",
     displayName: "",
     imageKind: "registry",
     image: "",
@@ -90,6 +100,7 @@ export const createPage: Page = (root) => {
     userData: "",
     sshKey: "",
     startNow: true,
+    persistent: true,
   };
   let step = 0;
   const preview = h("pre", { class: "yaml", id: "yaml-preview", tabindex: 0, "aria-label": "The VirtualMachineApp that will be created" });
@@ -146,16 +157,25 @@ export const createPage: Page = (root) => {
         "select",
         {},
         h("option", { value: "registry" }, "Registry image (containerDisk reference)"),
-        h("option", { value: "file" }, "Disk file on this machine (file:)"),
-        h("option", { value: "oci" }, "OCI layout on this machine (oci:)"),
+        kubernetes ? null : h("option", { value: "file" }, "Disk file on this machine (file:)"),
+        kubernetes ? null : h("option", { value: "oci" }, "OCI layout on this machine (oci:)"),
       );
-      content = [
-        field("vm-name", "Name", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false" }), "Lowercase letters, digits and '-'; the VM's name everywhere.", "name"),
-        field("vm-namespace", "Namespace", h("input", { type: "text", autocomplete: "off" }), "Groups VMs; 'default' unless you need another.", "namespace"),
-        field("vm-display-name", "Display name (optional)", h("input", { type: "text" }), "What people see, e.g. 'Debian 12'.", "displayName"),
-        field("vm-image-kind", "Image source", kind, "The local backend boots registry images, disk files (qcow2, raw, …) and OCI layouts made by paddock package.", "imageKind"),
-        field("vm-image", "Image", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false", placeholder: "quay.io/containerdisks/debian:12" }), "A reference such as registry.example.com/vms/debian:12, or a path such as /srv/disks/debian.qcow2.", "image"),
-      ];
+      content = kubernetes
+        ? [
+            field("vm-name", "Name", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false" }), "Lowercase letters, digits and '-'; the VM's name everywhere.", "name"),
+            field("vm-namespace", "Namespace", h("input", { type: "text", autocomplete: "off", spellcheck: "false", list: "known-namespaces" }), "The Kubernetes namespace to create it in; you need permission to create virtualmachineapps there.", "namespace"),
+            h("datalist", { id: "known-namespaces" }, seenNamespaces.map((namespace) => h("option", { value: namespace }))),
+            field("vm-display-name", "Display name (optional)", h("input", { type: "text" }), "What people see, e.g. 'Debian 12'.", "displayName"),
+            field("vm-image", "Image", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false", placeholder: "quay.io/containerdisks/debian:12" }), "A containerDisk reference such as registry.example.com/vms/debian:12; the cluster pulls it.", "image"),
+            field("vm-persistent", "Persistent disk", h("input", { type: "checkbox" }), "Checked: the image is imported into a volume the VM owns (CDI; set a disk size on the next step) and changes survive restarts. Unchecked: the VM runs on a throw-away copy of the image.", "persistent"),
+          ]
+        : [
+            field("vm-name", "Name", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false" }), "Lowercase letters, digits and '-'; the VM's name everywhere.", "name"),
+            field("vm-namespace", "Namespace", h("input", { type: "text", autocomplete: "off" }), "Groups VMs; 'default' unless you need another.", "namespace"),
+            field("vm-display-name", "Display name (optional)", h("input", { type: "text" }), "What people see, e.g. 'Debian 12'.", "displayName"),
+            field("vm-image-kind", "Image source", kind, "The local backend boots registry images, disk files (qcow2, raw, …) and OCI layouts made by paddock package.", "imageKind"),
+            field("vm-image", "Image", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false", placeholder: "quay.io/containerdisks/debian:12" }), "A reference such as registry.example.com/vms/debian:12, or a path such as /srv/disks/debian.qcow2.", "image"),
+          ];
       kind.addEventListener("change", () => {
         draft.imageKind = kind.value as ImageKind;
         const image = stepArea.querySelector<HTMLInputElement>("#vm-image");
@@ -178,7 +198,9 @@ export const createPage: Page = (root) => {
     } else {
       content = [
         h("p", {}, "paddock will POST the VirtualMachineApp shown on the right. ", draft.startNow ? "It starts as soon as its disk is ready." : "It stays stopped until you start it."),
-        h("p", { class: "muted" }, "The same manifest works with `paddock vm create -f` and on a cluster with the paddock operator."),
+        kubernetes
+          ? h("p", { class: "muted" }, "The console creates it as you (your RBAC decides); the paddock operator then makes the KubeVirt VirtualMachine. `kubectl apply -f` of the same manifest does the same.")
+          : h("p", { class: "muted" }, "The same manifest works with `paddock vm create -f` and on a cluster with the paddock operator."),
       ];
     }
     replaceChildren(stepArea, h("h2", {}, STEPS[step]), content);

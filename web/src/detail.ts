@@ -2,7 +2,7 @@
 // snapshots (take, restore, delete), the events this tab has seen, the manifest, a screen
 // thumbnail and deletion with confirmation.
 
-import { Snapshot, Vm, power, request, screenshotUrl, vmPath } from "./api";
+import { Snapshot, Vm, backend, cloneVm, migrate, power, request, screenshotUrl, vmPath } from "./api";
 import { h, phaseBadge, replaceChildren, timeAgo } from "./dom";
 import { resourcesOf } from "./list";
 import { store } from "./store";
@@ -50,6 +50,7 @@ export const detailPage: Page = (root, [namespace, name]) => {
   const body = h("div", {});
   let screenUrl = "";
   let screenFetched = 0;
+  let fetchError: unknown = null;
   replaceChildren(root, h("p", { class: "breadcrumbs" }, h("a", { href: "#/" }, "Virtual machines"), " / ", `${namespace}/${name}`), errorArea, body);
   const snapshotName = h("input", { type: "text", id: "snapshot-name", autocomplete: "off", spellcheck: "false", "aria-describedby": "snapshot-help" });
   const snapshotMemory = h("input", { type: "checkbox", id: "snapshot-memory" });
@@ -91,6 +92,12 @@ export const detailPage: Page = (root, [namespace, name]) => {
     h("button", { type: "submit", id: "snapshot-create" }, "Take snapshot"),
     h("div", { class: "help", id: "snapshot-help" }, "Letters, digits, '-', '_', '.'; memory snapshots need a running or paused VM."),
   );
+  // KubeVirt snapshots are disk-only: the API answers 422 to memory snapshots in a cluster.
+  if (backend() === "kubernetes") {
+    snapshotMemory.closest("label")?.remove();
+    const help = snapshotForm.querySelector("#snapshot-help");
+    if (help) help.textContent = "Letters, digits, '-', '_', '.'; a VirtualMachineSnapshot of the disks (KubeVirt does not save memory).";
+  }
   snapshotForm.addEventListener("submit", (event) => {
     event.preventDefault();
     const vm = store.get(namespace, name);
@@ -116,6 +123,32 @@ export const detailPage: Page = (root, [namespace, name]) => {
   const powerAction = (item: PowerButton): void => {
     void run(item.busy, async () => {
       store.put(await power(namespace, name, item.action));
+    }, errorArea);
+  };
+
+  // Kubernetes mode: live migration to another node, and a clone (VirtualMachineClone).
+  const migrateVm = (vm: Vm): void => {
+    void run(`Migrating ${vm.name} to another node…`, async () => {
+      store.put(await migrate(namespace, name));
+      toast(`Migration of ${vm.name} started`);
+    }, errorArea);
+  };
+
+  const cloneName = h("input", { type: "text", id: "clone-name", autocomplete: "off", spellcheck: "false" });
+  const cloneDialog = async (vm: Vm): Promise<void> => {
+    cloneName.value = `${vm.name}-copy`;
+    const confirmed = await confirmDialog({
+      title: `Clone ${vm.name}?`,
+      body: [`A new VM with a copy of ${vm.name}'s disks, in namespace ${vm.namespace}.`],
+      confirmLabel: "Clone",
+      extra: h("label", {}, "Name of the copy ", cloneName),
+    });
+    const target = cloneName.value.trim();
+    if (!confirmed || !target) return;
+    await run(`Cloning ${vm.name} to ${target}…`, async () => {
+      const clone = await cloneVm(namespace, name, target);
+      store.put(clone);
+      toast(`${clone.name} created from ${vm.name}`);
     }, errorArea);
   };
 
@@ -180,7 +213,10 @@ export const detailPage: Page = (root, [namespace, name]) => {
   const render = (): void => {
     const vm = store.get(namespace, name);
     if (!vm) {
-      if (store.loaded) {
+      if (fetchError) {
+        // Why this VM cannot be fetched (a 403 names the permission) beats "not found".
+        replaceChildren(body, errorBox(fetchError, `Cannot show ${namespace}/${name}`), h("p", {}, h("a", { href: "#/" }, "Back to the list")));
+      } else if (store.loaded) {
         replaceChildren(body, errorBox(`There is no VM ${namespace}/${name} (any more).`, "Not found"), h("p", {}, h("a", { href: "#/" }, "Back to the list")));
       }
       return;
@@ -207,6 +243,14 @@ export const detailPage: Page = (root, [namespace, name]) => {
     const deleteButton = h("button", { type: "button", class: "danger", id: "vm-delete", disabled: Boolean(operation) }, "Delete…");
     for (const button of snapshotForm.querySelectorAll("button")) button.disabled = Boolean(operation);
     deleteButton.addEventListener("click", () => void deleteVm(vm));
+    const clusterButtons: HTMLElement[] = [];
+    if (backend() === "kubernetes") {
+      const migrateButton = h("button", { type: "button", id: "vm-migrate", disabled: Boolean(operation) || phase !== "Running" }, "Migrate");
+      migrateButton.addEventListener("click", () => migrateVm(vm));
+      const cloneButton = h("button", { type: "button", id: "vm-clone", disabled: Boolean(operation) }, "Clone…");
+      cloneButton.addEventListener("click", () => void cloneDialog(vm));
+      clusterButtons.push(migrateButton, cloneButton);
+    }
     const events = store.eventsOf(namespace, name).slice(0, 50);
     replaceChildren(
       body,
@@ -219,7 +263,7 @@ export const detailPage: Page = (root, [namespace, name]) => {
         vm.console.vnc ? h("a", { class: `button${running ? " primary" : " disabled"}`, href: `${consoleHref}/console`, "aria-disabled": running ? null : "true", id: "open-console" }, "Open console") : null,
         vm.console.serial ? h("a", { class: `button${running ? "" : " disabled"}`, href: `${consoleHref}/serial`, "aria-disabled": running ? null : "true", id: "open-serial" }, "Serial console") : null,
       ),
-      h("div", { class: "toolbar", role: "toolbar", "aria-label": "Power" }, powerButtons, h("span", { class: "spacer" }), deleteButton),
+      h("div", { class: "toolbar", role: "toolbar", "aria-label": "Power" }, powerButtons, h("span", { class: "spacer" }), clusterButtons, deleteButton),
       progress,
       vm.status.warnings?.length ? h("div", { class: "warning", role: "note" }, vm.status.warnings.map((warning) => h("p", {}, warning))) : null,
       h(
@@ -311,7 +355,8 @@ export const detailPage: Page = (root, [namespace, name]) => {
   refreshed().then(
     (vm) => store.put(vm),
     (error) => {
-      if (!store.get(namespace, name)) replaceChildren(body, errorBox(error, `Cannot show ${namespace}/${name}`), h("p", {}, h("a", { href: "#/" }, "Back to the list")));
+      fetchError = error;
+      render();
     },
   );
   return () => {

@@ -1,7 +1,7 @@
 // The VM list: live status from the event stream, filters by namespace, state and text, bulk
 // start and stop, and screen thumbnails of running VMs.
 
-import { Vm, power, screenshotUrl } from "./api";
+import { Vm, backend, describeError, power, screenshotUrl } from "./api";
 import { h, phaseBadge, replaceChildren, spinner, timeAgo } from "./dom";
 import { store } from "./store";
 import { Page, errorBox, toast } from "./ui";
@@ -134,7 +134,15 @@ export const listPage: Page = (root) => {
     if (store.vms.size === 0) {
       replaceChildren(
         tableArea,
-        h("div", { class: "empty-state" }, h("p", {}, "No virtual machines yet."), h("a", { class: "button primary", href: "#/create" }, "Create the first one")),
+        h(
+          "div",
+          { class: "empty-state" },
+          h("p", {}, "No virtual machines yet."),
+          backend() === "kubernetes"
+            ? h("p", { class: "muted", id: "empty-rbac-hint" }, "You see the VMs of the namespaces where your RBAC lets you list virtualmachines.kubevirt.io; if you expected some, ask your cluster administrator for a Role that allows it.")
+            : null,
+          h("a", { class: "button primary", href: "#/create" }, "Create the first one"),
+        ),
       );
       return;
     }
@@ -207,7 +215,7 @@ export const listPage: Page = (root) => {
         try {
           store.put(await power(vm.namespace, vm.name, action));
         } catch (error) {
-          failures.push(`${vm.name}: ${error instanceof Error ? error.message : String(error)}`);
+          failures.push(`${vm.name}: ${describeError(error)}`);
         }
         done += 1;
         bulkStatus.textContent = `${label}: ${done} of ${targets.length} done`;

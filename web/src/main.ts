@@ -1,12 +1,16 @@
-// paddock's web console: sign-in with the access token, hash routing and the page frame.
+// paddock's web console: sign-in, hash routing and the page frame.
 //
-// The token comes from the `#token=` fragment of the URL `paddock serve` prints (a fragment never
-// reaches a server or a log) or from the sign-in form, and is kept in sessionStorage for this tab
-// only. Every page talks to the same-origin API; nothing is fetched from anywhere else.
+// The backend (local or kubernetes) comes from the public /readyz before anything is shown.
+// Local mode: the access token comes from the `#token=` fragment of the URL `paddock serve`
+// prints (a fragment never reaches a server or a log) or from the sign-in form, and is kept in
+// sessionStorage for this tab only. Kubernetes mode: the form takes a Kubernetes bearer token,
+// which is exchanged once at POST /api/v1/session for a console session token; only that session
+// token is kept, never the Kubernetes token. Every page talks to the same-origin API; nothing is
+// fetched from anywhere else.
 
 import "@xterm/xterm/css/xterm.css";
 import "./style.css";
-import { ApiError, request, setToken, signOut, token } from "./api";
+import { ApiError, backend, createSession, loadBackend, request, setToken, signOut, token } from "./api";
 import { vncPage, serialPage } from "./console";
 import { createPage } from "./create";
 import { detailPage } from "./detail";
@@ -34,11 +38,13 @@ function layout(): void {
   const signOutButton = h("button", { type: "button", class: "link", id: "sign-out" }, "Sign out");
   signOutButton.addEventListener("click", () => {
     signOut();
+    sessionStorage.removeItem(USER_KEY);
     store.stop();
     location.hash = "#/";
     route();
   });
-  replaceChildren(nav, h("a", { href: "#/" }, "Virtual machines"), h("a", { href: "#/create" }, "Create"), h("span", { class: "spacer" }), h("a", { href: "/openapi.json", target: "_blank", rel: "noopener", id: "api-link" }, "API"), signOutButton);
+  const user = sessionStorage.getItem(USER_KEY);
+  replaceChildren(nav, h("a", { href: "#/" }, "Virtual machines"), h("a", { href: "#/create" }, "Create"), h("span", { class: "spacer" }), user ? h("span", { class: "muted", id: "signed-in-user" }, user) : null, h("a", { href: "/openapi.json", target: "_blank", rel: "noopener", id: "api-link" }, "API"), signOutButton);
   replaceChildren(
     document.body,
     h("a", { class: "skip-link", href: "#main" }, "Skip to content"),
@@ -55,6 +61,9 @@ function layout(): void {
   });
 }
 
+/** Kubernetes mode: who signed in, shown in the header (sessionStorage, like the session token). */
+const USER_KEY = "paddock.user";
+
 function signInPage(problem?: unknown): void {
   leave?.();
   leave = undefined;
@@ -65,9 +74,21 @@ function signInPage(problem?: unknown): void {
     "form",
     { class: "sign-in", "aria-labelledby": "sign-in-title" },
     h("h1", { id: "sign-in-title" }, "paddock"),
-    h("label", { for: "token" }, "Access token"),
-    input,
-    h("p", { class: "help", id: "token-help" }, "`paddock serve` prints it at start (the URL with #token= signs in directly). It is also in serve.json in the server's state directory."),
+    ...(backend() === "kubernetes"
+      ? [
+          h("label", { for: "token" }, "Kubernetes bearer token"),
+          input,
+          h(
+            "p",
+            { class: "help", id: "token-help" },
+            "A token the cluster accepts, e.g. from `kubectl create token NAME`. The console checks it once and gives this tab its own session token (8 hours); the Kubernetes token is not kept. What you can see and do is what your RBAC allows.",
+          ),
+        ]
+      : [
+          h("label", { for: "token" }, "Access token"),
+          input,
+          h("p", { class: "help", id: "token-help" }, "`paddock serve` prints it at start (the URL with #token= signs in directly). It is also in serve.json in the server's state directory."),
+        ]),
     errorArea,
     submit,
   );
@@ -81,6 +102,13 @@ function signInPage(problem?: unknown): void {
 
 async function signIn(candidate: string, errorArea: HTMLElement): Promise<void> {
   try {
+    if (backend() === "kubernetes") {
+      const session = await createSession(candidate);
+      setToken(session.token);
+      sessionStorage.setItem(USER_KEY, session.user.username);
+      start();
+      return;
+    }
     await request("GET", "/api/v1/vms", undefined, candidate);
     setToken(candidate);
     start();
@@ -141,8 +169,10 @@ window.addEventListener("hashchange", () => {
 // `#token=…` from the URL `paddock serve` printed: keep it, then take it out of the address bar
 // and the history so it is not shared by copying the URL.
 const fragment = /^#token=([^&]+)/.exec(location.hash);
+if (fragment) history.replaceState(null, "", `${location.pathname}#/`);
+await loadBackend();
+document.documentElement.dataset.backend = backend();
 if (fragment) {
-  history.replaceState(null, "", `${location.pathname}#/`);
   const errorArea = h("div", {});
   void signIn(decodeURIComponent(fragment[1]), errorArea).then(() => {
     if (!token()) signInPage(errorArea.textContent ? new ApiError(401, "Unauthorized", errorArea.querySelector(".error-message")?.textContent ?? "") : undefined);

@@ -1,7 +1,7 @@
 // Shared page pieces: the error banner, toasts, confirmation dialogs and buttons that show the
 // progress of a long operation.
 
-import { ApiError } from "./api";
+import { ApiError, describeError, permissionExplanation } from "./api";
 import { h, replaceChildren, spinner } from "./dom";
 
 /** A page: renders into `root` and returns what to do when the user leaves it. */
@@ -10,6 +10,23 @@ export type Page = (root: HTMLElement, parameters: string[]) => (() => void) | v
 /** The error box: the API's message first (it says what failed, why and what to do). */
 export function errorBox(error: unknown, title = "That did not work"): HTMLElement {
   const apiError = error instanceof ApiError ? error : null;
+  if (apiError?.permission) {
+    // A 403 in Kubernetes mode: say which permission is missing and whom to ask; the API server's
+    // own words follow for the administrator.
+    const permission = apiError.permission;
+    return h(
+      "div",
+      { class: "error permission-error", role: "alert", "data-permission": `${permission.verb} ${permission.resource}${permission.subresource ? `/${permission.subresource}` : ""}` },
+      h("strong", {}, "Permission needed"),
+      h("p", { class: "error-message permission-explanation" }, permissionExplanation(permission)),
+      h(
+        "p",
+        { class: "muted" },
+        `API group ${permission.group || "core"}${permission.name ? `, object ${permission.name}` : ""}. The server said: ${apiError.message}`,
+      ),
+      h("p", { class: "muted" }, `HTTP ${apiError.code} ${apiError.reason}`),
+    );
+  }
   return h(
     "div",
     { class: "error", role: "alert" },
@@ -57,7 +74,7 @@ export async function withProgress<T>(
     return result;
   } catch (error) {
     if (errorTarget) replaceChildren(errorTarget, errorBox(error));
-    else toast(error instanceof Error ? error.message : String(error), "error");
+    else toast(describeError(error), "error");
     return undefined;
   } finally {
     clearInterval(timer);

@@ -1,0 +1,275 @@
+//! The Kubernetes test world for the web console's browser test (`web/tests/console-kubernetes.test.mjs`).
+//!
+//! Role: Node cannot start the control plane, the KubeVirt simulator and the operator itself, so
+//! this binary does: the shared test cluster ([`Cluster::shared`]), a fresh namespace, the real
+//! `paddock operator` scoped to it and the real `paddock serve --kubeconfig` (cluster admin
+//! credentials, which it uses only with impersonation), an admin ServiceAccount bound to
+//! `cluster-admin` and a ServiceAccount `alice` with no rights, both with TokenRequest tokens.
+//!
+//! Contract (stdout is for the driver; logs go to stderr):
+//! - When everything is up, prints one JSON line
+//!   `{"url", "namespace", "adminToken", "userToken", "user"}`; or `{"skip": "<why>"}` and exits 0
+//!   when the cluster's prerequisites are missing and `PADDOCK_ALLOW_SKIP=1`.
+//! - Then reads commands from stdin, one a line, answering each with one JSON line:
+//!   `grant` binds alice to a Role that lets her view the namespace's VMs and open their screens
+//!   (`{"granted": true}`), `logs` returns the console's and the operator's logs (`{"logs"}`).
+//! - At the end of stdin (the driver quit or died) it stops the console and the operator; the
+//!   cluster's watchdog stops the rest when this process ends.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use paddock_tests::cluster::{Cluster, ClusterError};
+use paddock_tests::world::{WorldError, paddock_binary, run};
+use serde_json::{Value, json};
+
+/// What went wrong while starting or driving the world.
+#[derive(Debug, thiserror::Error)]
+enum WorldBinaryError {
+    #[error("the test cluster failed: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error("a command failed: {0}")]
+    World(#[from] WorldError),
+    #[error("cannot {action}: {detail}")]
+    Io { action: String, detail: String },
+    #[error("paddock serve printed no URL; its log:\n{0}")]
+    NoUrl(String),
+}
+
+fn io_error(action: &str) -> impl FnOnce(std::io::Error) -> WorldBinaryError + '_ {
+    move |error| WorldBinaryError::Io {
+        action: action.to_string(),
+        detail: error.to_string(),
+    }
+}
+
+/// A child process with its log file, killed on drop.
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn log(&self) -> String {
+        let log = std::fs::read(&self.log).unwrap_or_default();
+        let start = log.len().saturating_sub(16000);
+        String::from_utf8_lossy(&log[start..]).into_owned()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn main() {
+    match serve_world() {
+        Ok(()) => {}
+        Err(error) => {
+            eprintln!("cluster-console-world: {error}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn say(value: &Value) -> Result<(), WorldBinaryError> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{value}").map_err(io_error("write to stdout"))?;
+    stdout.flush().map_err(io_error("flush stdout"))
+}
+
+fn serve_world() -> Result<(), WorldBinaryError> {
+    let Some(cluster) = Cluster::shared()? else {
+        return say(&json!({"skip": "the Kubernetes test cluster's prerequisites are missing"}));
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_error("start a tokio runtime"))?;
+    let namespace = runtime.block_on(cluster.namespace("web-console"))?;
+    let ns = namespace.name().to_string();
+    let directory = tempfile::tempdir().map_err(io_error("create a temporary directory"))?;
+
+    let (console, url) = start_console(cluster, &directory.path().join("console.log"))?;
+    let operator = start_operator(cluster, &ns, &url, &directory.path().join("operator.log"))?;
+
+    let admin_token = service_account_token(cluster, &directory, &ns, "console-admin")?;
+    kubectl_apply(
+        cluster,
+        &directory,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": format!("{ns}-console-admin")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": "console-admin", "namespace": ns}],
+        }),
+    )?;
+    let user_token = service_account_token(cluster, &directory, &ns, "alice")?;
+    say(&json!({
+        "url": url,
+        "namespace": ns,
+        "adminToken": admin_token,
+        "userToken": user_token,
+        "user": format!("system:serviceaccount:{ns}:alice"),
+    }))?;
+
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(io_error("read stdin"))?;
+        match line.trim() {
+            "grant" => {
+                grant_viewer(cluster, &directory, &ns)?;
+                say(&json!({"granted": true}))?;
+            }
+            "logs" => say(&json!({"logs": format!("{}\n-----\n{}", console.log(), operator.log())}))?,
+            "" => {}
+            other => say(&json!({"error": format!("unknown command {other:?}; use grant or logs")}))?,
+        }
+    }
+    // The ClusterRoleBinding is not in the namespace: remove it, best effort.
+    let _ = run(cluster.kubectl().args([
+        "delete",
+        "clusterrolebinding",
+        &format!("{ns}-console-admin"),
+        "--ignore-not-found",
+    ]));
+    drop(operator);
+    drop(console);
+    drop(namespace);
+    Ok(())
+}
+
+/// `paddock serve --kubeconfig <admin>` on a free port; returns it and its base URL.
+fn start_console(cluster: &Cluster, log: &std::path::Path) -> Result<(Process, String), WorldBinaryError> {
+    let mut child = Command::new(paddock_binary()?)
+        .arg("serve")
+        .arg("--kubeconfig")
+        .arg(cluster.admin_kubeconfig())
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info,paddock_console=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).map_err(io_error("create the console log"))?)
+        .spawn()
+        .map_err(io_error("start paddock serve"))?;
+    let process_log = log.to_path_buf();
+    let Some(stdout) = child.stdout.take() else {
+        return Err(WorldBinaryError::NoUrl(String::new()));
+    };
+    let process = Process {
+        child,
+        log: process_log,
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        let Some(Ok(line)) = lines.next() else {
+            return Err(WorldBinaryError::NoUrl(process.log()));
+        };
+        if let Some(url) = line.strip_prefix("paddock serve (kubernetes): ") {
+            break url.trim().to_string();
+        }
+    };
+    // Keep draining stdout so the console never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok((process, url))
+}
+
+/// The real operator, scoped to the namespace, writing Baffles URLs through the console.
+fn start_operator(
+    cluster: &Cluster,
+    namespace: &str,
+    console: &str,
+    log: &std::path::Path,
+) -> Result<Process, WorldBinaryError> {
+    let file = std::fs::File::create(log).map_err(io_error("create the operator log"))?;
+    let child = Command::new(paddock_binary()?)
+        .args([
+            "operator",
+            "--namespace",
+            namespace,
+            "--lease-namespace",
+            namespace,
+        ])
+        .args(["--identity", &format!("{namespace}-operator")])
+        .args(["--console-gateway-url", &console.replacen("http://", "ws://", 1)])
+        .args(["--listen", "127.0.0.1:0", "--retry-period-seconds", "1"])
+        .env("KUBECONFIG", cluster.admin_kubeconfig())
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().map_err(io_error("share the operator log"))?)
+        .stderr(file)
+        .spawn()
+        .map_err(io_error("start paddock operator"))?;
+    Ok(Process {
+        child,
+        log: log.to_path_buf(),
+    })
+}
+
+/// Applies a manifest as the cluster admin.
+fn kubectl_apply(
+    cluster: &Cluster,
+    directory: &tempfile::TempDir,
+    manifest: &Value,
+) -> Result<(), WorldBinaryError> {
+    let file = directory.path().join("manifest.json");
+    std::fs::write(&file, manifest.to_string()).map_err(io_error("write the manifest"))?;
+    run(cluster.kubectl().arg("apply").arg("-f").arg(&file))?;
+    Ok(())
+}
+
+/// A ServiceAccount and a one-hour token for it (TokenRequest, through kubectl).
+fn service_account_token(
+    cluster: &Cluster,
+    directory: &tempfile::TempDir,
+    namespace: &str,
+    name: &str,
+) -> Result<String, WorldBinaryError> {
+    kubectl_apply(
+        cluster,
+        directory,
+        &json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}),
+    )?;
+    let token = run(cluster.kubectl().args([
+        "create",
+        "token",
+        name,
+        "--namespace",
+        namespace,
+        "--duration",
+        "1h",
+    ]))?;
+    Ok(token.trim().to_string())
+}
+
+/// The Role a VM viewer needs (VMs, their snapshots, the VNC screen) and alice's RoleBinding to it.
+fn grant_viewer(
+    cluster: &Cluster,
+    directory: &tempfile::TempDir,
+    namespace: &str,
+) -> Result<(), WorldBinaryError> {
+    kubectl_apply(
+        cluster,
+        directory,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "vm-viewer", "namespace": namespace},
+            "rules": [
+                {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines", "virtualmachineinstances"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["subresources.kubevirt.io"], "resources": ["virtualmachineinstances/vnc"], "verbs": ["get"]},
+                {"apiGroups": ["snapshot.kubevirt.io"], "resources": ["virtualmachinesnapshots"], "verbs": ["get", "list", "watch"]},
+            ],
+        }),
+    )?;
+    kubectl_apply(
+        cluster,
+        directory,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "alice-views-vms", "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vm-viewer"},
+            "subjects": [{"kind": "ServiceAccount", "name": "alice", "namespace": namespace}],
+        }),
+    )
+}
