@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
-use paddock_admission::{AdmissionOptions, HostVolumePolicy, WebhookEndpoint};
+use paddock_admission::{AdmissionOptions, ConfigurationMode, HostVolumePolicy, WebhookEndpoint};
 use paddock_tests::cluster::Cluster;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -96,6 +96,50 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The options of a test server for `namespace` on `port`, its configurations restricted to
+/// `namespace`.
+fn test_options(client: &kube::Client, namespace: &str, port: u16) -> AdmissionOptions {
+    let mut options = AdmissionOptions::new(
+        client.clone(),
+        WebhookEndpoint::Url(format!("https://127.0.0.1:{port}")),
+        namespace,
+    );
+    options.listen = ([127, 0, 0, 1], port).into();
+    options.configuration_name = format!("paddock-test-{namespace}");
+    options.namespace_selector = LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "kubernetes.io/metadata.name".to_owned(),
+            operator: "In".to_owned(),
+            values: Some(vec![namespace.to_owned()]),
+        }]),
+        match_labels: None,
+    };
+    options.zarf.namespace = namespace.to_owned();
+    options.zarf.poll_interval = Duration::from_millis(100);
+    options
+}
+
+/// Server-side applies the configurations without a caBundle as the field manager `helm`, as the
+/// chart installs them.
+async fn install_configurations_as_chart(client: &kube::Client, options: &AdmissionOptions) {
+    let (mutating, validating) = paddock_admission::webhook_configurations(&options.configuration_options());
+    let params = PatchParams::apply("helm").force();
+    let mut mutating = serde_json::to_value(&mutating).unwrap();
+    mutating["apiVersion"] = json!("admissionregistration.k8s.io/v1");
+    mutating["kind"] = json!("MutatingWebhookConfiguration");
+    let mut validating = serde_json::to_value(&validating).unwrap();
+    validating["apiVersion"] = json!("admissionregistration.k8s.io/v1");
+    validating["kind"] = json!("ValidatingWebhookConfiguration");
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .patch(&options.configuration_name, &params, &Patch::Apply(&mutating))
+        .await
+        .unwrap();
+    Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .patch(&options.configuration_name, &params, &Patch::Apply(&validating))
+        .await
+        .unwrap();
+}
+
 /// One webhook server with its own configurations, restricted to one namespace.
 struct Webhook {
     client: kube::Client,
@@ -111,24 +155,12 @@ impl Webhook {
     async fn start(cluster: &Cluster, namespace: &str, tweak: impl FnOnce(&mut AdmissionOptions)) -> Webhook {
         let client = cluster.admin_client().await.unwrap();
         let port = free_port();
-        let mut options = AdmissionOptions::new(
-            client.clone(),
-            WebhookEndpoint::Url(format!("https://127.0.0.1:{port}")),
-            namespace,
-        );
-        options.listen = ([127, 0, 0, 1], port).into();
-        options.configuration_name = format!("paddock-test-{namespace}");
-        options.namespace_selector = LabelSelector {
-            match_expressions: Some(vec![LabelSelectorRequirement {
-                key: "kubernetes.io/metadata.name".to_owned(),
-                operator: "In".to_owned(),
-                values: Some(vec![namespace.to_owned()]),
-            }]),
-            match_labels: None,
-        };
-        options.zarf.namespace = namespace.to_owned();
-        options.zarf.poll_interval = Duration::from_millis(100);
+        let mut options = test_options(&client, namespace, port);
         tweak(&mut options);
+        if options.configurations == ConfigurationMode::InjectCa {
+            // The chart's role: the configurations from the same builder, without a caBundle.
+            install_configurations_as_chart(&client, &options).await;
+        }
         let configuration = options.configuration_name.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(paddock_admission::serve(options, async move {
@@ -485,19 +517,49 @@ async fn handshake(port: u16, ca_bundle: &[u8]) -> Result<Vec<u8>, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_without_dropping_requests() {
+    rotate_under_load("admission-rotation", ConfigurationMode::Managed).await;
+}
+
+/// The chart's mode: the configurations are someone else's (applied without a caBundle); two
+/// replicas share the TLS Secret and only inject the bundle, through CA rotations, without one
+/// taking back the other's newer CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_ca_bundles_follow_rotation_across_replicas() {
+    rotate_under_load("admission-inject", ConfigurationMode::InjectCa).await;
+}
+
+fn fast_rotation(options: &mut AdmissionOptions) {
+    options.tls.serving_validity = Duration::from_secs(4);
+    options.tls.ca_validity = Duration::from_secs(12);
+    options.tls.check_interval = Duration::from_millis(200);
+    options.tls.ca_propagation_delay = Duration::from_secs(1);
+}
+
+async fn rotate_under_load(prefix: &str, mode: ConfigurationMode) {
     let Some(cluster) = Cluster::shared().unwrap() else {
         return;
     };
-    let namespace = cluster.namespace("admission-rotation").await.unwrap();
+    let namespace = cluster.namespace(prefix).await.unwrap();
     let webhook = Arc::new(
         Webhook::start(cluster, namespace.name(), |options| {
-            options.tls.serving_validity = Duration::from_secs(4);
-            options.tls.ca_validity = Duration::from_secs(12);
-            options.tls.check_interval = Duration::from_millis(200);
-            options.tls.ca_propagation_delay = Duration::from_secs(1);
+            fast_rotation(options);
+            options.configurations = mode;
         })
         .await,
     );
+    // In the chart's mode, a second replica (called by nobody, injecting like the first).
+    let second = if mode == ConfigurationMode::InjectCa {
+        let mut options = test_options(&webhook.client, namespace.name(), free_port());
+        fast_rotation(&mut options);
+        options.configurations = mode;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(paddock_admission::serve(options, async move {
+            let _ = stopped.await;
+        }));
+        Some((stop, task))
+    } else {
+        None
+    };
     let run_for = Duration::from_secs(28);
     let started = Instant::now();
     let requests = Arc::new(AtomicUsize::new(0));
@@ -589,6 +651,10 @@ async fn certificates_rotate_without_dropping_requests() {
         "only {} CA bundles were published",
         bundles.len()
     );
+    if let Some((stop, task)) = second {
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    }
     Arc::into_inner(webhook).unwrap().stop().await;
 }
 

@@ -1,7 +1,9 @@
 //! The MutatingWebhookConfiguration and ValidatingWebhookConfiguration that route requests to
 //! [`crate::serve`].
 //!
-//! Contract: [`webhook_configurations`] is pure. Filtering happens at the API server, so objects paddock
+//! Contract: [`webhook_configurations`] is pure and needs no client (its input is
+//! [`ConfigurationOptions`]), so the Helm chart renders its templates from the same builder the
+//! self-managed operator applies. Filtering happens at the API server, so objects paddock
 //! does not care about never cost a round trip: each webhook names only its resources and operations,
 //! every webhook carries the base namespace selector, the Zarf webhooks skip what the Zarf agent skips
 //! (`zarf.dev/agent: skip|ignore` on the namespace or the object) and the host-volume webhook matches
@@ -14,7 +16,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
 
-use crate::{AdmissionOptions, DENY, HOST_VOLUMES_LABEL, HostVolumePolicy};
+use crate::{DENY, FailurePolicy, HOST_VOLUMES_LABEL, HostVolumePolicy};
 
 /// The label the Zarf agent reads to leave a namespace or an object alone.
 pub const ZARF_AGENT_LABEL: &str = "zarf.dev/agent";
@@ -81,6 +83,38 @@ impl WebhookEndpoint {
                 service: None,
                 url: Some(format!("{}{path}", base.trim_end_matches('/'))),
             },
+        }
+    }
+}
+
+/// Everything the webhook configurations are built from: no client, no I/O.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfigurationOptions {
+    /// How the API server reaches the server: an in-cluster Service or a URL.
+    pub endpoint: WebhookEndpoint,
+    /// The name of both configurations (mutating and validating); default `paddock`.
+    pub name: String,
+    /// The failure policy of every webhook; default `Fail`.
+    pub failure_policy: FailurePolicy,
+    /// How long the API server waits for an answer, 1 to 30 seconds; default 5.
+    pub timeout_seconds: i32,
+    /// Namespaces every webhook applies to; the webhook-specific requirements are added to it.
+    /// Default: all but `kube-system` and `kube-node-lease`.
+    pub namespace_selector: LabelSelector,
+    /// Where host-level volumes are denied.
+    pub host_volume_policy: HostVolumePolicy,
+}
+
+impl ConfigurationOptions {
+    /// Production defaults for a server reached through `endpoint`.
+    pub fn new(endpoint: WebhookEndpoint) -> ConfigurationOptions {
+        ConfigurationOptions {
+            endpoint,
+            name: "paddock".to_owned(),
+            failure_policy: FailurePolicy::Fail,
+            timeout_seconds: 5,
+            namespace_selector: default_namespace_selector(),
+            host_volume_policy: HostVolumePolicy::LabelledNamespaces,
         }
     }
 }
@@ -186,18 +220,18 @@ fn rule(group: &str, version: &str, resources: &[&str], operations: &[&str]) -> 
 /// The two webhook configurations for `options`, without a `caBundle` (see
 /// [`webhook_configurations_with_ca`]).
 pub fn webhook_configurations(
-    options: &AdmissionOptions,
+    options: &ConfigurationOptions,
 ) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
     webhook_configurations_with_ca(options, None)
 }
 
 /// The two webhook configurations for `options`, trusting the PEM `ca_bundle`.
 pub fn webhook_configurations_with_ca(
-    options: &AdmissionOptions,
+    options: &ConfigurationOptions,
     ca_bundle: Option<&[u8]>,
 ) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
     let metadata = ObjectMeta {
-        name: Some(options.configuration_name.clone()),
+        name: Some(options.name.clone()),
         labels: Some(
             [(
                 paddock_api::builders::MANAGED_BY_LABEL.to_owned(),
@@ -330,7 +364,6 @@ pub fn webhook_configurations_with_ca(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::AdmissionOptions;
 
     #[test]
     fn url_endpoints_name_their_host() {
@@ -347,18 +380,12 @@ mod tests {
         }
     }
 
-    fn options(policy: HostVolumePolicy) -> AdmissionOptions {
-        let config = kube::Config::new("https://127.0.0.1:1".parse().expect("a valid url"));
-        let client = kube::Client::try_from(config).expect("a client is built without connecting");
-        let mut options = AdmissionOptions::new(
-            client,
-            WebhookEndpoint::Service {
-                namespace: "paddock-system".to_owned(),
-                name: "paddock-webhook".to_owned(),
-                port: 443,
-            },
-            "paddock-system",
-        );
+    fn options(policy: HostVolumePolicy) -> ConfigurationOptions {
+        let mut options = ConfigurationOptions::new(WebhookEndpoint::Service {
+            namespace: "paddock-system".to_owned(),
+            name: "paddock-webhook".to_owned(),
+            port: 443,
+        });
         options.host_volume_policy = policy;
         options.failure_policy = crate::FailurePolicy::Ignore;
         options.timeout_seconds = 7;
@@ -380,8 +407,8 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn configurations_filter_at_the_api_server() {
+    #[test]
+    fn configurations_filter_at_the_api_server() {
         let (mutating, validating) = webhook_configurations(&options(HostVolumePolicy::LabelledNamespaces));
         let mutating = mutating.webhooks.expect("mutating webhooks");
         let validating = validating.webhooks.expect("validating webhooks");

@@ -14,9 +14,11 @@
 //! - [`webhook_configurations`] is a pure function of the options: the configurations filter at the
 //!   API server (rules, namespaceSelector, objectSelector), have `sideEffects: None`,
 //!   `admissionReviewVersions: ["v1"]` and the configured failure policy and timeout.
-//! - [`serve`] issues (or loads) the CA and serving certificate kept in a Secret, applies the webhook
-//!   configurations with the CA bundle when [`AdmissionOptions::manage_configurations`] is set, serves
-//!   until `shutdown` resolves, rotates certificates before they expire and swaps them into the live
+//! - [`serve`] issues (or loads) the CA and serving certificate kept in a Secret and, by
+//!   [`AdmissionOptions::configurations`], either applies the whole webhook configurations with the
+//!   CA bundle ([`ConfigurationMode::Managed`]) or only keeps the `caBundle` of configurations someone
+//!   else owns current ([`ConfigurationMode::InjectCa`], the Helm chart's mode); serves until
+//!   `shutdown` resolves, rotates certificates before they expire and swaps them into the live
 //!   server without dropping connections (see [`tls`]).
 //! - Whatever a client sends, a request gets an answer (an AdmissionReview, or a 4xx/5xx status) within
 //!   [`AdmissionOptions::request_timeout`]; no input makes the server panic.
@@ -35,7 +37,7 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-pub use configuration::{WebhookEndpoint, webhook_configurations};
+pub use configuration::{ConfigurationOptions, WebhookEndpoint, webhook_configurations};
 pub use metrics::AdmissionMetrics;
 pub use server::{HttpOptions, serve, serve_standalone};
 pub use tls::TlsOptions;
@@ -78,6 +80,21 @@ pub enum HostVolumePolicy {
     Off,
 }
 
+/// Who owns the two webhook configurations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ConfigurationMode {
+    /// [`serve`] creates and owns them (server-side apply of the whole objects, CA bundle included);
+    /// nothing deletes them when the server goes away. For runs outside Helm (development, tests).
+    #[default]
+    Managed,
+    /// Something else (the Helm chart) creates, owns and deletes them; [`serve`] only keeps
+    /// `clientConfig.caBundle` of every webhook in the two configurations named
+    /// [`AdmissionOptions::configuration_name`] current, re-injecting it after a rotation and
+    /// whenever someone resets it, and never creates a configuration (the cert-manager cainjector
+    /// pattern).
+    InjectCa,
+}
+
 /// Everything [`serve`] and [`webhook_configurations`] need. [`AdmissionOptions::new`] fills in
 /// production defaults; the fields are public so the operator's flags can override them.
 #[derive(Clone)]
@@ -99,9 +116,10 @@ pub struct AdmissionOptions {
     pub namespace_selector: LabelSelector,
     /// Where host-level volumes are denied.
     pub host_volume_policy: HostVolumePolicy,
-    /// Apply the webhook configurations (with the current CA bundle) from [`serve`]; when false,
-    /// something else (a Helm chart) owns them and only their `caBundle` is kept current.
-    pub manage_configurations: bool,
+    /// Whether [`serve`] owns the webhook configurations or only injects their CA bundle.
+    /// [`ConfigurationMode::InjectCa`] ignores the fields above that shape the configurations
+    /// (failure policy, timeout, selectors, endpoint path): the configurations' owner decides them.
+    pub configurations: ConfigurationMode,
     /// The CA and serving certificate: where they are kept, how long they live.
     pub tls: TlsOptions,
     /// How Zarf is detected.
@@ -127,12 +145,26 @@ impl AdmissionOptions {
             timeout_seconds: 5,
             namespace_selector: configuration::default_namespace_selector(),
             host_volume_policy: HostVolumePolicy::LabelledNamespaces,
-            manage_configurations: true,
+            configurations: ConfigurationMode::Managed,
             tls: TlsOptions::new(namespace),
             zarf: ZarfOptions::default(),
             metrics: AdmissionMetrics::default(),
             body_limit: 6 * 1024 * 1024,
             request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl AdmissionOptions {
+    /// The client-free part of the options that [`webhook_configurations`] builds from.
+    pub fn configuration_options(&self) -> ConfigurationOptions {
+        ConfigurationOptions {
+            endpoint: self.endpoint.clone(),
+            name: self.configuration_name.clone(),
+            failure_policy: self.failure_policy,
+            timeout_seconds: self.timeout_seconds,
+            namespace_selector: self.namespace_selector.clone(),
+            host_volume_policy: self.host_volume_policy,
         }
     }
 }
@@ -155,7 +187,7 @@ pub enum AdmissionError {
     Tls(#[from] tls::TlsError),
     /// The webhook configurations could not be applied.
     #[error(
-        "cannot apply the webhook configuration {name}: {source}; check that the operator may patch mutatingwebhookconfigurations and validatingwebhookconfigurations"
+        "cannot apply the webhook configuration {name}: {source}; check that the operator may get and patch (and, when it manages them, create) mutatingwebhookconfigurations and validatingwebhookconfigurations of that name"
     )]
     Configuration {
         /// The configuration's name.

@@ -15,11 +15,14 @@
 //!   creates or rotates it with an optimistic-concurrency write (resourceVersion), so replicas never
 //!   fight: a loser re-reads the winner's material.
 //! - The serving certificate is renewed when less than a third of its validity is left. The CA is
-//!   renewed when less than a third of its validity is left, with an overlap: the new CA is first
-//!   published in `caBundle` next to the current one, then after [`TlsOptions::ca_propagation_delay`]
-//!   the serving certificate signed by it is stored and served. The old CA stays in the bundle (as
-//!   `ca-previous.crt`) until the next CA rotation, so a certificate signed by either is trusted at
-//!   every moment.
+//!   renewed when less than a third of its validity is left, with an overlap: the new CA, the old one
+//!   (as `ca-previous.crt`) and a serving certificate signed by the new CA are stored in one
+//!   conditional write, so when several replicas find the CA due at once exactly one new CA wins and
+//!   every replica adopts it. A replica that reads a CA it does not serve yet first publishes the new
+//!   bundle (both CAs), keeps serving its old certificate for [`TlsOptions::ca_propagation_delay`],
+//!   then switches ([`CertificateSwitch`]). The old CA stays in the bundle until the next CA rotation,
+//!   so a certificate signed by either is trusted at every moment, and every replica publishes the
+//!   same bundle (the Secret's), so replicas never take back each other's CA.
 //! - [`CertificateSwitch`] is the rustls certificate resolver: a new handshake gets the newest
 //!   certificate, established connections keep theirs, nothing is dropped.
 
@@ -107,8 +110,9 @@ pub struct TlsOptions {
     pub serving_validity: Duration,
     /// How often the Secret is checked for rotation or changes by other replicas; default one minute.
     pub check_interval: Duration,
-    /// How long a new CA sits in `caBundle` before a certificate signed by it is served: the time the
-    /// API servers take to see the updated webhook configuration; default 10 seconds.
+    /// How long a new CA sits in `caBundle` before a certificate signed by it is served (by each
+    /// replica, from the moment it published the bundle): the time the API servers take to see the
+    /// updated webhook configuration; default 10 seconds.
     pub ca_propagation_delay: Duration,
 }
 
@@ -429,16 +433,6 @@ pub fn server_config(switch: Arc<CertificateSwitch>) -> Result<rustls::ServerCon
     Ok(config)
 }
 
-/// What one check of the Secret found or did.
-#[derive(Clone, Debug)]
-pub struct Checked {
-    /// The material to serve now.
-    pub material: Material,
-    /// A CA bundle to publish before storing a rotated CA (the caller publishes, waits
-    /// [`TlsOptions::ca_propagation_delay`] and calls [`CertificateStore::finish_ca_rotation`]).
-    pub pending_ca: Option<Material>,
-}
-
 /// Reads and writes the TLS Secret.
 #[derive(Clone)]
 pub struct CertificateStore {
@@ -525,14 +519,13 @@ impl CertificateStore {
         })
     }
 
-    /// Re-reads the Secret and renews what is due. A due serving certificate is renewed and stored
-    /// at once; a due CA comes back as [`Checked::pending_ca`] to be published first.
-    pub async fn check(&self) -> Result<Checked, TlsError> {
+    /// Re-reads the Secret and renews what is due, storing it at once (a conditional write: when
+    /// another replica wrote first, its material is returned). A rotated CA comes back with a
+    /// serving certificate signed by it: the caller publishes the new bundle and waits
+    /// [`TlsOptions::ca_propagation_delay`] before serving it.
+    pub async fn check(&self) -> Result<Material, TlsError> {
         let Some((stored, version)) = self.read().await? else {
-            return Ok(Checked {
-                material: self.load_or_create().await?,
-                pending_ca: None,
-            });
+            return self.load_or_create().await;
         };
         if stored.ca_due(&self.options)? {
             let (ca_certificate, ca_private_key) = issue_ca(self.options.ca_validity)?;
@@ -549,10 +542,14 @@ impl CertificateStore {
                 serving_certificate,
                 serving_private_key,
             };
-            return Ok(Checked {
-                material: stored,
-                pending_ca: Some(rotated),
-            });
+            return match self.write(&rotated, version).await? {
+                Some(()) => {
+                    tracing::info!("rotated the webhook CA");
+                    Ok(rotated)
+                }
+                // Another replica rotated first: its CA is the one everybody adopts.
+                None => Ok(self.read().await?.map_or(stored, |(material, _)| material)),
+            };
         }
         if stored.serving_due(&self.options, &self.names)? {
             let (serving_certificate, serving_private_key) = issue_serving(
@@ -566,39 +563,13 @@ impl CertificateStore {
                 serving_private_key,
                 ..stored.clone()
             };
-            let material = match self.write(&renewed, version).await? {
-                Some(()) => renewed,
+            return match self.write(&renewed, version).await? {
+                Some(()) => Ok(renewed),
                 // Another replica renewed first; the next check reads its material.
-                None => stored,
+                None => Ok(stored),
             };
-            return Ok(Checked {
-                material,
-                pending_ca: None,
-            });
         }
-        Ok(Checked {
-            material: stored,
-            pending_ca: None,
-        })
-    }
-
-    /// Stores a rotated CA (published in `caBundle` by the caller meanwhile), unless the Secret
-    /// changed since `replaced` was read. Returns what is stored now.
-    pub async fn finish_ca_rotation(
-        &self,
-        replaced: &Material,
-        rotated: Material,
-    ) -> Result<Material, TlsError> {
-        let Some((stored, version)) = self.read().await? else {
-            return self.load_or_create().await;
-        };
-        if stored != *replaced {
-            return Ok(stored);
-        }
-        match self.write(&rotated, version).await? {
-            Some(()) => Ok(rotated),
-            None => Ok(self.read().await?.map_or(stored, |(material, _)| material)),
-        }
+        Ok(stored)
     }
 }
 

@@ -8,17 +8,26 @@
 //! What the chart deploys: a ServiceAccount; the RBAC of [`crate::rbac`]; a Deployment of
 //! `paddock operator` (2 replicas by default: the Lease holder runs the controllers, every replica
 //! serves the webhooks) under the restricted Pod Security profile; a Service for the webhooks (443 →
-//! 8443) and one for `/metrics`; a PodDisruptionBudget. Webhook TLS needs no chart object: the
-//! operator issues its own CA into the Secret `paddock-webhook-tls` in its namespace, rotates it,
-//! and applies both webhook configurations with the CA bundle itself.
+//! 8443) and one for `/metrics`; a PodDisruptionBudget; the MutatingWebhookConfiguration and
+//! ValidatingWebhookConfiguration, rendered from [`paddock_admission::webhook_configurations`] (the
+//! builder the self-managed operator applies) without a `caBundle`. The chart owns them, so `helm
+//! uninstall` deletes them; the operator runs with `--webhook-configurations=inject-ca`, issues its
+//! own CA into the Secret `paddock-webhook-tls` in its namespace, rotates it and only injects the CA
+//! bundle into the chart's configurations (the cert-manager cainjector pattern).
+//!
+//! With `console.enabled` (the default) it also deploys the web console, `paddock serve --backend
+//! kubernetes` ([`console`]): its own ServiceAccount with the [`rbac::console_permissions`]
+//! ClusterRole, a one-replica Deployment under the same restricted profile, and a Service the
+//! operator's `--console-gateway-url` points at unless `consoleGatewayUrl` says otherwise.
 
 use kube::CustomResourceExt as _;
+use paddock_admission::{ConfigurationOptions, WebhookEndpoint};
 use paddock_api::app::VirtualMachineApp;
 use serde_json::{Value, json};
 
 use crate::rbac::{self, Scope};
 use crate::template::{Template, TemplateError};
-use crate::{CHART_NAME, DEFAULT_IMAGE_REPOSITORY, METRICS_PORT, VERSION, WEBHOOK_PORT};
+use crate::{CHART_NAME, CONSOLE_PORT, DEFAULT_IMAGE_REPOSITORY, METRICS_PORT, VERSION, WEBHOOK_PORT};
 
 /// A file of the chart, relative to the chart's directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,7 +96,7 @@ fn values_entries() -> Vec<ValuesEntry> {
         ),
         entry(
             "webhook",
-            "Admission webhooks: failurePolicy Fail or Ignore; timeoutSeconds 1 to 30; the name of the mutating and validating configurations the operator applies.",
+            "Admission webhooks: failurePolicy Fail or Ignore; timeoutSeconds 1 to 30; the name of the mutating and validating configurations the chart installs (the operator injects their CA bundle).",
             json!({"failurePolicy": "Fail", "timeoutSeconds": 5, "configurationName": "paddock"}),
         ),
         entry(
@@ -97,8 +106,16 @@ fn values_entries() -> Vec<ValuesEntry> {
         ),
         entry(
             "consoleGatewayUrl",
-            "The base URL through which Baffles reaches VNC consoles (the paddock console gateway).",
-            json!("wss://paddock-console.paddock-system.svc"),
+            "The base URL through which Baffles reaches VNC consoles (the paddock console gateway). Empty: the chart's console Service (ws://<release>-console.<namespace>.svc), which needs console.enabled.",
+            json!(""),
+        ),
+        entry(
+            "console",
+            "The web console and VNC gateway (`paddock serve --backend kubernetes`), acting as each signed-in Kubernetes user. One replica: its session signing key lives in the process, so sessions would not survive a switch between replicas.",
+            json!({
+                "enabled": true,
+                "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+            }),
         ),
         entry(
             "podDisruptionBudget",
@@ -159,7 +176,11 @@ pub fn values_schema() -> Value {
             "configurationName": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
         })),
         "watchNamespace": {"type": "string", "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$", "maxLength": 63},
-        "consoleGatewayUrl": {"type": "string", "pattern": "^(wss?|https?)://[^\\s]+$"},
+        "consoleGatewayUrl": {"type": "string", "pattern": "^((wss?|https?)://[^\\s]+)?$"},
+        "console": object(json!({
+            "enabled": {"type": "boolean"},
+            "resources": {"type": "object"},
+        })),
         "podDisruptionBudget": object(json!({
             "minAvailable": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+%$"}]},
         })),
@@ -174,20 +195,28 @@ pub fn values_schema() -> Value {
 }
 
 fn labels(template: &mut Template) -> Value {
+    component_labels(template, "operator")
+}
+
+fn component_labels(template: &mut Template, component: &str) -> Value {
     json!({
         "app.kubernetes.io/name": CHART_NAME,
         "app.kubernetes.io/instance": template.quoted(".Release.Name"),
-        "app.kubernetes.io/component": "operator",
+        "app.kubernetes.io/component": component,
         "app.kubernetes.io/version": template.quoted(".Chart.AppVersion"),
         "app.kubernetes.io/managed-by": template.quoted(".Release.Service"),
     })
 }
 
 fn selector_labels(template: &mut Template) -> Value {
+    component_selector_labels(template, "operator")
+}
+
+fn component_selector_labels(template: &mut Template, component: &str) -> Value {
     json!({
         "app.kubernetes.io/name": CHART_NAME,
         "app.kubernetes.io/instance": template.quoted(".Release.Name"),
-        "app.kubernetes.io/component": "operator",
+        "app.kubernetes.io/component": component,
     })
 }
 
@@ -197,9 +226,13 @@ fn name(template: &mut Template, suffix: &str) -> Value {
 }
 
 fn metadata(template: &mut Template, suffix: &str, namespaced: bool) -> Value {
+    component_metadata(template, suffix, namespaced, "operator")
+}
+
+fn component_metadata(template: &mut Template, suffix: &str, namespaced: bool, component: &str) -> Value {
     let mut metadata = json!({
         "name": name(template, suffix),
-        "labels": labels(template),
+        "labels": component_labels(template, component),
     });
     if namespaced {
         metadata["namespace"] = template.inline("{{ .Release.Namespace }}");
@@ -297,6 +330,13 @@ pub fn rbac_yaml() -> Result<String, TemplateError> {
     Ok(join(documents))
 }
 
+/// The operator's `--console-gateway-url`: `consoleGatewayUrl` when set, else the chart's console
+/// Service (plain `ws://`: the console serves HTTP) when `console.enabled`, else a render error.
+/// The operator forms each BafflesApplication's URL as this base plus
+/// `/k8s/apis/subresources.kubevirt.io/v1/namespaces/<ns>/virtualmachineinstances/<name>/vnc`,
+/// which is the console's VNC proxy route.
+const CONSOLE_GATEWAY_ARGUMENT: &str = r#"{{ printf "--console-gateway-url=%s" (.Values.consoleGatewayUrl | default (ternary (printf "ws://%s-console.%s.svc" .Release.Name .Release.Namespace) "" .Values.console.enabled) | required "consoleGatewayUrl must be set when console.enabled is false") | quote }}"#;
+
 /// The operator's command line in the Deployment: every flag `paddock operator` is given.
 fn operator_arguments(template: &mut Template) -> Value {
     json!([
@@ -307,12 +347,10 @@ fn operator_arguments(template: &mut Template) -> Value {
         template.inline(
             r#"{{ printf "--webhook-configuration-name=%s" .Values.webhook.configurationName | quote }}"#
         ),
-        template.inline(
-            r#"{{ printf "--webhook-failure-policy=%s" (.Values.webhook.failurePolicy | lower) | quote }}"#
-        ),
-        template
-            .inline(r#"{{ printf "--webhook-timeout-seconds=%v" .Values.webhook.timeoutSeconds | quote }}"#),
-        template.inline(r#"{{ printf "--console-gateway-url=%s" .Values.consoleGatewayUrl | quote }}"#),
+        // The chart owns the configurations (their failure policy and timeout come from values in
+        // the templates); the operator only injects the CA bundle.
+        "--webhook-configurations=inject-ca",
+        template.inline(CONSOLE_GATEWAY_ARGUMENT),
         format!("--lease-name={}", rbac::lease_name()),
         template.lines(&[
             "{{- with .Values.watchNamespace }}",
@@ -320,6 +358,27 @@ fn operator_arguments(template: &mut Template) -> Value {
             "{{- end }}",
         ]),
     ])
+}
+
+/// The pod securityContext of both Deployments: the restricted Pod Security profile, as a numeric
+/// non-root user the kubelet can check without `/etc/passwd`.
+fn pod_security_context() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+/// The container securityContext of both Deployments (restricted profile, read-only root).
+fn container_security_context() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+    })
 }
 
 /// `templates/deployment.yaml`.
@@ -330,9 +389,13 @@ pub fn deployment() -> Result<String, TemplateError> {
     pod_name["name"] = json!("POD_NAME");
     let mut pod_namespace = field("metadata.namespace");
     pod_namespace["name"] = json!("POD_NAMESPACE");
-    let probe = |path: &str, period: u32| {
+    let probe = |path: &str, port: &str, period: u32| {
+        let mut get = json!({"path": path, "port": port});
+        if port == "webhooks" {
+            get["scheme"] = json!("HTTPS");
+        }
         json!({
-            "httpGet": {"path": path, "port": "metrics"},
+            "httpGet": get,
             "periodSeconds": period,
             "timeoutSeconds": 2,
             "failureThreshold": 3,
@@ -351,12 +414,7 @@ pub fn deployment() -> Result<String, TemplateError> {
                     "serviceAccountName": name(&mut template, "operator"),
                     // The operator shuts down within its 20 s reconcile grace and hands the Lease over.
                     "terminationGracePeriodSeconds": 30,
-                    "securityContext": {
-                        "runAsNonRoot": true,
-                        "runAsUser": 65532,
-                        "runAsGroup": 65532,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
+                    "securityContext": pod_security_context(),
                     "containers": [{
                         "name": "operator",
                         "image": template.inline(r#"{{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) | quote }}"#),
@@ -367,15 +425,12 @@ pub fn deployment() -> Result<String, TemplateError> {
                             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
                             {"name": "webhooks", "containerPort": WEBHOOK_PORT, "protocol": "TCP"},
                         ],
-                        "livenessProbe": probe("/healthz", 10),
-                        "readinessProbe": probe("/readyz", 5),
+                        "livenessProbe": probe("/healthz", "metrics", 10),
+                        // Ready once the webhook configurations trust this replica's CA: the API
+                        // server reaches the webhooks through the Service's ready endpoints.
+                        "readinessProbe": probe("/readyz", "webhooks", 5),
                         "resources": template.block(".Values.resources"),
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "capabilities": {"drop": ["ALL"]},
-                            "readOnlyRootFilesystem": true,
-                            "runAsNonRoot": true,
-                        },
+                        "securityContext": container_security_context(),
                     }],
                     // Replicas on different nodes where possible, so one node's loss keeps a webhook server.
                     "topologySpreadConstraints": [{
@@ -417,6 +472,58 @@ pub fn services() -> Result<String, TemplateError> {
     ]))
 }
 
+/// The webhook configurations' client-free options as the chart renders them: the webhook Service of
+/// the release (placeholders, replaced by the template) on port 443, the operator's default selectors
+/// and host-volume policy.
+fn chart_configuration_options() -> ConfigurationOptions {
+    ConfigurationOptions::new(WebhookEndpoint::Service {
+        namespace: String::new(),
+        name: String::new(),
+        port: 443,
+    })
+}
+
+/// `templates/webhookconfigurations.yaml`: both configurations from
+/// [`paddock_admission::webhook_configurations`], the Service reference pointing at the release's
+/// webhook Service in `{{ .Release.Namespace }}`, failure policy and timeout from values, the
+/// namespace selector narrowed to `watchNamespace` when set, and no `caBundle` (the operator
+/// injects it).
+pub fn webhook_configurations() -> Result<String, TemplateError> {
+    let (mutating, validating) = paddock_admission::webhook_configurations(&chart_configuration_options());
+    let render = |kind: &str, object: Value| -> Result<String, TemplateError> {
+        let mut template = Template::new();
+        let mut object = object;
+        object["apiVersion"] = json!("admissionregistration.k8s.io/v1");
+        object["kind"] = json!(kind);
+        object["metadata"] = json!({
+            "name": template.quoted(".Values.webhook.configurationName"),
+            "labels": labels(&mut template),
+        });
+        if let Some(webhooks) = object["webhooks"].as_array_mut() {
+            for webhook in webhooks {
+                webhook["failurePolicy"] = template.quoted(".Values.webhook.failurePolicy");
+                webhook["timeoutSeconds"] = template.inline("{{ .Values.webhook.timeoutSeconds }}");
+                let service = &mut webhook["clientConfig"]["service"];
+                service["namespace"] = template.inline("{{ .Release.Namespace }}");
+                service["name"] = name(&mut template, "webhook");
+                // A namespace-scoped operator admits only its own namespace (as `paddock operator
+                // --namespace` does when it manages the configurations).
+                webhook["namespaceSelector"]["matchLabels"] = template.inline(
+                    r#"{{ if .Values.watchNamespace }}{"kubernetes.io/metadata.name": {{ .Values.watchNamespace | quote }}}{{ else }}{}{{ end }}"#,
+                );
+            }
+        }
+        document(&template, &object)
+    };
+    Ok(join(vec![
+        render("MutatingWebhookConfiguration", serde_json::to_value(&mutating)?)?,
+        render(
+            "ValidatingWebhookConfiguration",
+            serde_json::to_value(&validating)?,
+        )?,
+    ]))
+}
+
 /// `templates/poddisruptionbudget.yaml`.
 pub fn pod_disruption_budget() -> Result<String, TemplateError> {
     let mut template = Template::new();
@@ -430,6 +537,129 @@ pub fn pod_disruption_budget() -> Result<String, TemplateError> {
         },
     });
     Ok(join(vec![document(&template, &budget)?]))
+}
+
+/// `templates/console.yaml`, rendered only with `console.enabled`: the web console's ServiceAccount,
+/// ClusterRole ([`rbac::console_permissions`]) and ClusterRoleBinding, its Deployment and its
+/// Service (`<release>-console`, port 80 → the console port).
+///
+/// One replica: a console session token is signed with a key generated by the process, so a
+/// second replica would refuse the first one's sessions. The console listens on every address
+/// (`--listen-any`); it is reached through the Service, and every request carries a Kubernetes
+/// bearer token (or a session standing for one) that the API server reviews.
+pub fn console() -> Result<String, TemplateError> {
+    const COMPONENT: &str = "console";
+    let mut documents = Vec::new();
+
+    let mut template = Template::new();
+    let account = json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": component_metadata(&mut template, COMPONENT, true, COMPONENT),
+    });
+    documents.push(document(&template, &account)?);
+
+    let mut template = Template::new();
+    let rules = rbac::rules(Scope::Console, &mut |expression| template.quoted(expression));
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": component_metadata(&mut template, COMPONENT, false, COMPONENT),
+        "rules": rules,
+    });
+    documents.push(document(&template, &role)?);
+
+    let mut template = Template::new();
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": component_metadata(&mut template, COMPONENT, false, COMPONENT),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": name(&mut template, COMPONENT),
+        },
+        "subjects": [{
+            "kind": "ServiceAccount",
+            "name": name(&mut template, COMPONENT),
+            "namespace": template.inline("{{ .Release.Namespace }}"),
+        }],
+    });
+    documents.push(document(&template, &binding)?);
+
+    let mut template = Template::new();
+    let probe = |path: &str, period: u32| {
+        json!({
+            "httpGet": {"path": path, "port": "http"},
+            "periodSeconds": period,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        })
+    };
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": component_metadata(&mut template, COMPONENT, true, COMPONENT),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": component_selector_labels(&mut template, COMPONENT)},
+            "template": {
+                "metadata": {"labels": component_selector_labels(&mut template, COMPONENT)},
+                "spec": {
+                    "serviceAccountName": name(&mut template, COMPONENT),
+                    // The console closes its websockets and drains on SIGTERM.
+                    "terminationGracePeriodSeconds": 30,
+                    "securityContext": pod_security_context(),
+                    "containers": [{
+                        "name": COMPONENT,
+                        "image": template.inline(r#"{{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) | quote }}"#),
+                        "imagePullPolicy": template.quoted(".Values.image.pullPolicy"),
+                        "args": [
+                            "serve",
+                            "--backend=kubernetes",
+                            format!("--listen=0.0.0.0:{CONSOLE_PORT}"),
+                            // Reached only through the Service; every request is authenticated
+                            // against the API server.
+                            "--listen-any",
+                            template.lines(&[
+                                "{{- with .Values.watchNamespace }}",
+                                r#"- {{ printf "--namespace=%s" . | quote }}"#,
+                                "{{- end }}",
+                            ]),
+                        ],
+                        "ports": [{"name": "http", "containerPort": CONSOLE_PORT, "protocol": "TCP"}],
+                        "livenessProbe": probe("/healthz", 10),
+                        // Ready once the shared caches have listed every kind.
+                        "readinessProbe": probe("/readyz", 5),
+                        "resources": template.block(".Values.console.resources"),
+                        "securityContext": container_security_context(),
+                    }],
+                    "nodeSelector": template.block(".Values.nodeSelector"),
+                    "tolerations": template.block(".Values.tolerations"),
+                    "affinity": template.block(".Values.affinity"),
+                },
+            },
+        },
+    });
+    documents.push(document(&template, &deployment)?);
+
+    let mut template = Template::new();
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": component_metadata(&mut template, COMPONENT, true, COMPONENT),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": component_selector_labels(&mut template, COMPONENT),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    });
+    documents.push(document(&template, &service)?);
+
+    Ok(format!(
+        "{GENERATED}{{{{- if .Values.console.enabled }}}}\n{}{{{{- end }}}}\n",
+        documents.join("---\n")
+    ))
 }
 
 /// Every file of the chart.
@@ -454,6 +684,8 @@ pub fn chart_files() -> Result<Vec<ChartFile>, TemplateError> {
         file("templates/deployment.yaml", deployment()?),
         file("templates/service.yaml", services()?),
         file("templates/poddisruptionbudget.yaml", pod_disruption_budget()?),
+        file("templates/console.yaml", console()?),
+        file("templates/webhookconfigurations.yaml", webhook_configurations()?),
     ])
 }
 
@@ -504,7 +736,8 @@ replicas: 2
 resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 256Mi}}
 webhook: {failurePolicy: Fail, timeoutSeconds: 5, configurationName: paddock}
 watchNamespace: ""
-consoleGatewayUrl: wss://paddock-console.paddock-system.svc
+consoleGatewayUrl: ""
+console: {enabled: true, resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 256Mi}}}
 podDisruptionBudget: {minAvailable: 1}
 nodeSelector: {}
 tolerations: []
@@ -542,6 +775,7 @@ affinity: {}
             ("/image/pullPolicy", json!("Sometimes")),
             ("/watchNamespace", json!("Not_A_Namespace")),
             ("/consoleGatewayUrl", json!("console.example.com")),
+            ("/console/enabled", json!("yes")),
         ] {
             let mut values = default_values();
             *values.pointer_mut(pointer).unwrap() = bad.clone();
@@ -559,15 +793,99 @@ affinity: {}
             "      securityContext:\n        runAsGroup: 65532\n        runAsNonRoot: true\n        runAsUser: 65532\n        seccompProfile:\n          type: RuntimeDefault\n",
             "        securityContext:\n          allowPrivilegeEscalation: false\n          capabilities:\n            drop:\n            - ALL\n          readOnlyRootFilesystem: true\n          runAsNonRoot: true\n",
             "        livenessProbe:\n          failureThreshold: 3\n          httpGet:\n            path: /healthz\n            port: metrics\n",
-            "        readinessProbe:\n          failureThreshold: 3\n          httpGet:\n            path: /readyz\n            port: metrics\n",
+            "        readinessProbe:\n          failureThreshold: 3\n          httpGet:\n            path: /readyz\n            port: webhooks\n            scheme: HTTPS\n",
             "        - name: POD_NAME\n          valueFrom:\n            fieldRef:\n              fieldPath: metadata.name\n",
             "        - name: POD_NAMESPACE\n          valueFrom:\n            fieldRef:\n              fieldPath: metadata.namespace\n",
             "        - operator\n        - --listen=0.0.0.0:8080\n        - --webhook-listen=0.0.0.0:8443\n        - --webhook-service={{ .Release.Name }}-webhook\n",
+            "        - --webhook-configurations=inject-ca\n",
             "        {{- with .Values.watchNamespace }}\n        - {{ printf \"--namespace=%s\" . | quote }}\n        {{- end }}\n",
             "        resources:\n          {{- toYaml .Values.resources | nindent 10 }}\n",
         ] {
             assert!(text.contains(line), "the Deployment lacks\n{line}\nin\n{text}");
         }
+    }
+
+    #[test]
+    fn the_console_is_optional_restricted_probed_and_bound_to_its_own_table() {
+        let text = console().unwrap();
+        assert!(
+            text.starts_with(&format!("{GENERATED}{{{{- if .Values.console.enabled }}}}\n")),
+            "{text}"
+        );
+        assert!(text.ends_with("{{- end }}\n"), "{text}");
+        for kind in [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Service",
+        ] {
+            assert_eq!(
+                text.matches(&format!("\nkind: {kind}\n")).count(),
+                1,
+                "{kind} in\n{text}"
+            );
+        }
+        for line in [
+            "      securityContext:\n        runAsGroup: 65532\n        runAsNonRoot: true\n        runAsUser: 65532\n        seccompProfile:\n          type: RuntimeDefault\n",
+            "        securityContext:\n          allowPrivilegeEscalation: false\n          capabilities:\n            drop:\n            - ALL\n          readOnlyRootFilesystem: true\n          runAsNonRoot: true\n",
+            "        livenessProbe:\n          failureThreshold: 3\n          httpGet:\n            path: /healthz\n            port: http\n",
+            "        readinessProbe:\n          failureThreshold: 3\n          httpGet:\n            path: /readyz\n            port: http\n",
+            "        - serve\n        - --backend=kubernetes\n        - --listen=0.0.0.0:8642\n        - --listen-any\n",
+            "  replicas: 1\n",
+            "        resources:\n          {{- toYaml .Values.console.resources | nindent 10 }}\n",
+            "    app.kubernetes.io/component: console\n",
+            "  - name: http\n    port: 80\n",
+        ] {
+            assert!(text.contains(line), "the console lacks\n{line}\nin\n{text}");
+        }
+        // The operator's identity is not the console's.
+        assert!(!text.contains("-operator"), "{text}");
+        assert!(text.contains("- impersonate\n"), "{text}");
+        // The operator points Baffles at the console Service unless told otherwise.
+        assert!(
+            deployment().unwrap().contains(r#"ws://%s-console.%s.svc"#),
+            "{}",
+            deployment().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_webhook_configurations_are_the_builders_without_a_ca_bundle() {
+        let text = webhook_configurations().unwrap();
+        assert!(!text.contains("caBundle"), "{text}");
+        assert!(!text.contains("__paddock_template_"), "{text}");
+        let (mutating, validating) =
+            paddock_admission::webhook_configurations(&chart_configuration_options());
+        for (kind, webhooks) in [
+            ("MutatingWebhookConfiguration", mutating.webhooks.unwrap().len()),
+            (
+                "ValidatingWebhookConfiguration",
+                validating.webhooks.unwrap().len(),
+            ),
+        ] {
+            assert!(text.contains(&format!("kind: {kind}\n")), "{text}");
+            assert!(webhooks > 0);
+        }
+        let webhooks = text.matches("\n- admissionReviewVersions:").count();
+        assert_eq!(webhooks, 5);
+        assert_eq!(
+            text.matches("  failurePolicy: {{ .Values.webhook.failurePolicy | quote }}\n")
+                .count(),
+            webhooks
+        );
+        assert_eq!(
+            text.matches("  timeoutSeconds: {{ .Values.webhook.timeoutSeconds }}\n")
+                .count(),
+            webhooks
+        );
+        assert_eq!(
+            text.matches(
+                "      name: {{ .Release.Name }}-webhook\n      namespace: {{ .Release.Namespace }}\n"
+            )
+            .count(),
+            webhooks
+        );
     }
 
     #[test]

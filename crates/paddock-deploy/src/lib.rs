@@ -4,7 +4,8 @@
 //! deploy/chart` writes them; CI regenerates and fails when the committed copies drift. Everything
 //! that must agree with the operator's code is taken from it: the CRD from `paddock-api`, the RBAC
 //! from the table in [`rbac`] (every API call of `paddock-operator` and `paddock-admission`, with its
-//! code path), the Lease and TLS Secret names from their crates' defaults.
+//! code path), the web console's RBAC from the separate console table there, the Lease and TLS
+//! Secret names from their crates' defaults.
 //!
 //! Contract: pure (no I/O); the same build returns the same bytes. [`chart::chart_files`] returns the
 //! chart's files with paths relative to the chart directory, [`zarf::zarf_yaml`] the package
@@ -31,6 +32,9 @@ pub const DEFAULT_IMAGE_REPOSITORY: &str = "registry.example.invalid/paddock/pad
 pub const IMAGE_ARCHIVE: &str = "build/paddock-operator-image.tar";
 /// The port of `/healthz`, `/readyz` and `/metrics` (`paddock operator --listen`).
 pub const METRICS_PORT: u16 = 8080;
+/// The port of the web console (`paddock serve --backend kubernetes --listen`): its API, UI, VNC
+/// gateway, `/healthz` and `/readyz`, in plain HTTP.
+pub const CONSOLE_PORT: u16 = 8642;
 /// The port of the HTTPS webhook server (`paddock operator --webhook-listen`).
 pub const WEBHOOK_PORT: u16 = 8443;
 

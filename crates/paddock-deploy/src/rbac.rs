@@ -10,7 +10,11 @@
 //!   namespace the operator watches (`--namespace`);
 //! - [`Scope::Cluster`] through a second ClusterRole bound cluster-wide (cluster-scoped objects and the
 //!   Zarf state Secret, found by name in Zarf's namespace);
-//! - [`Scope::Release`] through a Role in the operator's own namespace (its Lease and TLS Secret).
+//! - [`Scope::Release`] through a Role in the operator's own namespace (its Lease and TLS Secret);
+//! - [`Scope::Console`] through a third ClusterRole bound cluster-wide to the web console's own
+//!   ServiceAccount (`paddock serve --backend kubernetes`, `console.enabled`): a second, separate
+//!   table, [`console_permissions`], since the console is a different program with a different
+//!   identity (it reads through shared caches and acts as each signed-in user by impersonation).
 
 use std::collections::BTreeMap;
 
@@ -25,6 +29,8 @@ pub enum Scope {
     Cluster,
     /// The operator's own namespace.
     Release,
+    /// Cluster-wide, for the web console's ServiceAccount (not the operator's).
+    Console,
 }
 
 /// How a permission names its objects.
@@ -275,17 +281,57 @@ pub fn permissions() -> Vec<Permission> {
             Cluster,
             "admissionregistration.k8s.io",
             "mutatingwebhookconfigurations",
-            "patch",
+            "get",
             Value(WEBHOOK_CONFIGURATION_NAME_VALUE),
-            "paddock_admission::serve: Publisher::publish (server-side apply with the CA bundle)",
+            "paddock_admission::serve: Publisher::inject (reads the live webhooks' names and caBundle; the chart owns the configuration)",
         ),
         row(
             Cluster,
             "admissionregistration.k8s.io",
             "mutatingwebhookconfigurations",
-            "create",
+            "list",
             Value(WEBHOOK_CONFIGURATION_NAME_VALUE),
-            "paddock_admission::serve: Publisher::publish (server-side apply creates the configuration)",
+            "paddock_admission::serve: keep_injected (the watcher's list, limited by fieldSelector metadata.name)",
+        ),
+        row(
+            Cluster,
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            "watch",
+            Value(WEBHOOK_CONFIGURATION_NAME_VALUE),
+            "paddock_admission::serve: keep_injected (re-injects the moment a caBundle is reset, watch limited by fieldSelector metadata.name)",
+        ),
+        row(
+            Cluster,
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            "patch",
+            Value(WEBHOOK_CONFIGURATION_NAME_VALUE),
+            "paddock_admission::serve: Publisher::inject (server-side apply of only the caBundle fields)",
+        ),
+        row(
+            Cluster,
+            "admissionregistration.k8s.io",
+            "validatingwebhookconfigurations",
+            "get",
+            Value(WEBHOOK_CONFIGURATION_NAME_VALUE),
+            "paddock_admission::serve: Publisher::inject (reads the live webhooks' names and caBundle; the chart owns the configuration)",
+        ),
+        row(
+            Cluster,
+            "admissionregistration.k8s.io",
+            "validatingwebhookconfigurations",
+            "list",
+            Value(WEBHOOK_CONFIGURATION_NAME_VALUE),
+            "paddock_admission::serve: keep_injected (the watcher's list, limited by fieldSelector metadata.name)",
+        ),
+        row(
+            Cluster,
+            "admissionregistration.k8s.io",
+            "validatingwebhookconfigurations",
+            "watch",
+            Value(WEBHOOK_CONFIGURATION_NAME_VALUE),
+            "paddock_admission::serve: keep_injected (re-injects the moment a caBundle is reset, watch limited by fieldSelector metadata.name)",
         ),
         row(
             Cluster,
@@ -293,15 +339,7 @@ pub fn permissions() -> Vec<Permission> {
             "validatingwebhookconfigurations",
             "patch",
             Value(WEBHOOK_CONFIGURATION_NAME_VALUE),
-            "paddock_admission::serve: Publisher::publish (server-side apply with the CA bundle)",
-        ),
-        row(
-            Cluster,
-            "admissionregistration.k8s.io",
-            "validatingwebhookconfigurations",
-            "create",
-            Value(WEBHOOK_CONFIGURATION_NAME_VALUE),
-            "paddock_admission::serve: Publisher::publish (server-side apply creates the configuration)",
+            "paddock_admission::serve: Publisher::inject (server-side apply of only the caBundle fields)",
         ),
         // The operator's own namespace.
         row(
@@ -355,12 +393,82 @@ pub fn permissions() -> Vec<Permission> {
     ]
 }
 
+/// Every permission the web console's Kubernetes backend (`paddock_console::kubernetes`) needs with
+/// its own credentials, all [`Scope::Console`], with the code path that needs it. What a user does
+/// through the console runs as that user (impersonation), so RBAC of the user decides it and it is
+/// not listed here.
+pub fn console_permissions() -> Vec<Permission> {
+    let row = |api_group, resource, verb, code_path| Permission {
+        scope: Scope::Console,
+        api_group,
+        resource,
+        verb,
+        name: ResourceName::Any,
+        code_path,
+    };
+    let reflector = "paddock_console::kubernetes::KubernetesBackend::start: run_reflector (watcher list, then watch) filling the shared cache of";
+    vec![
+        row("paddock.dev", "virtualmachineapps", "list", reflector),
+        row("paddock.dev", "virtualmachineapps", "watch", reflector),
+        row("kubevirt.io", "virtualmachines", "list", reflector),
+        row("kubevirt.io", "virtualmachines", "watch", reflector),
+        row("kubevirt.io", "virtualmachineinstances", "list", reflector),
+        row("kubevirt.io", "virtualmachineinstances", "watch", reflector),
+        row(
+            "snapshot.kubevirt.io",
+            "virtualmachinesnapshots",
+            "list",
+            reflector,
+        ),
+        row(
+            "snapshot.kubevirt.io",
+            "virtualmachinesnapshots",
+            "watch",
+            reflector,
+        ),
+        row(
+            "authentication.k8s.io",
+            "tokenreviews",
+            "create",
+            "paddock_console::kubernetes::authenticator::Authenticator (a TokenReview of each new bearer token)",
+        ),
+        row(
+            "authorization.k8s.io",
+            "subjectaccessreviews",
+            "create",
+            "paddock_console::kubernetes::access::AccessReviewer (may this user get/list what the shared cache holds?)",
+        ),
+        row(
+            "",
+            "users",
+            "impersonate",
+            "paddock_console::kubernetes::impersonate (Impersonate-User on every action and console websocket)",
+        ),
+        row(
+            "",
+            "groups",
+            "impersonate",
+            "paddock_console::kubernetes::impersonate (one Impersonate-Group per group of the user)",
+        ),
+        row(
+            "",
+            "serviceaccounts",
+            "impersonate",
+            "paddock_console::kubernetes::impersonate (Impersonate-User of a system:serviceaccount:… user, which the API server authorizes as impersonate on serviceaccounts)",
+        ),
+    ]
+}
+
 /// The PolicyRules of `scope`: one rule per (group, resource name), its resources and verbs sorted.
 /// Names that are chart values become Helm expressions (`{{ .Values… }}`) through `name_value`.
 pub fn rules(scope: Scope, name_value: &mut dyn FnMut(&'static str) -> Value) -> Vec<Value> {
     // (group, name) → resource → verbs; a rule lists resources that share exactly the same verbs.
     let mut grouped: BTreeMap<(&str, ResourceName), BTreeMap<&str, Vec<&str>>> = BTreeMap::new();
-    for permission in permissions().into_iter().filter(|p| p.scope == scope) {
+    for permission in permissions()
+        .into_iter()
+        .chain(console_permissions())
+        .filter(|p| p.scope == scope)
+    {
         let verbs = grouped
             .entry((permission.api_group, permission.name))
             .or_default()
@@ -418,7 +526,7 @@ mod tests {
 
     #[test]
     fn every_permission_is_in_exactly_one_rule_and_nothing_else_is() {
-        for scope in [Scope::Watched, Scope::Cluster, Scope::Release] {
+        for scope in [Scope::Watched, Scope::Cluster, Scope::Release, Scope::Console] {
             let rules = rules(scope, &mut |expression| Value::String(expression.to_owned()));
             let mut granted = Vec::new();
             for rule in &rules {
@@ -435,6 +543,7 @@ mod tests {
             }
             let mut wanted: Vec<_> = permissions()
                 .into_iter()
+                .chain(console_permissions())
                 .filter(|permission| permission.scope == scope)
                 .map(|permission| {
                     let names = match permission.name {
@@ -457,6 +566,35 @@ mod tests {
     }
 
     #[test]
+    fn the_console_table_is_reads_reviews_and_impersonation_only() {
+        let console = console_permissions();
+        let rules = rules(Scope::Console, &mut |_| Value::Null);
+        let expected: Vec<Value> = serde_yaml::from_str(
+            r#"
+- {apiGroups: [""], resources: [groups, serviceaccounts, users], verbs: [impersonate]}
+- {apiGroups: [authentication.k8s.io], resources: [tokenreviews], verbs: [create]}
+- {apiGroups: [authorization.k8s.io], resources: [subjectaccessreviews], verbs: [create]}
+- {apiGroups: [kubevirt.io], resources: [virtualmachineinstances, virtualmachines], verbs: [list, watch]}
+- {apiGroups: [paddock.dev], resources: [virtualmachineapps], verbs: [list, watch]}
+- {apiGroups: [snapshot.kubevirt.io], resources: [virtualmachinesnapshots], verbs: [list, watch]}
+"#,
+        )
+        .unwrap();
+        assert_eq!(rules, expected);
+        for permission in &console {
+            assert_eq!(permission.scope, Scope::Console);
+            assert!(!permission.code_path.is_empty());
+            // Never the operator's table: the console writes nothing with its own credentials.
+            assert!(!permissions().contains(permission), "{permission:?}");
+        }
+        assert!(
+            permissions()
+                .iter()
+                .all(|permission| permission.scope != Scope::Console)
+        );
+    }
+
+    #[test]
     fn the_table_is_narrow() {
         let permissions = permissions();
         for permission in &permissions {
@@ -467,8 +605,19 @@ mod tests {
             );
             assert!(!permission.resource.contains('*') && !permission.api_group.contains('*'));
             // A POST create has no name in its URL, so a name-limited create would never match.
-            if permission.verb == "create" && permission.api_group != "admissionregistration.k8s.io" {
+            if permission.verb == "create" {
                 assert_eq!(permission.name, ResourceName::Any, "{permission:?}");
+            }
+            // The chart owns the webhook configurations; the operator only injects their CA bundle.
+            if permission.resource.ends_with("webhookconfigurations") {
+                assert!(
+                    ["get", "list", "watch", "patch"].contains(&permission.verb),
+                    "{permission:?}"
+                );
+                assert!(
+                    matches!(permission.name, ResourceName::Value(_)),
+                    "{permission:?}"
+                );
             }
         }
         // No duplicates.

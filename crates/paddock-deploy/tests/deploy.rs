@@ -10,15 +10,26 @@
 //!   Deployment's template is admitted in a namespace enforcing the restricted Pod Security profile;
 //! - the real `paddock operator`, started with the rendered Deployment's arguments and impersonating
 //!   a ServiceAccount that has exactly the rendered RBAC, takes its Lease, issues its TLS Secret,
-//!   applies its webhook configurations, serves the mutating webhook and reconciles an app (DataVolume,
-//!   VM, SSH-key Secret created, pruned, status written, a scheduled snapshot and its Event), then
-//!   releases its Lease — with no request forbidden; every row of the RBAC table is allowed (SubjectAccessReview) and neighbouring requests
-//!   are denied.
+//!   stays unready until the chart's webhook configurations (applied after it starts, as Helm may)
+//!   exist, then injects its CA into them and turns ready, serves the mutating webhook through the
+//!   API server and reconciles an app (DataVolume, VM, SSH-key Secret created, pruned, status
+//!   written, a scheduled snapshot and its Event); a `caBundle` reset by a replace (`helm upgrade
+//!   --force`) is re-injected; deleting the chart's objects (uninstall) leaves no webhook
+//!   configuration behind while the operator still runs; it releases its Lease — with no request
+//!   forbidden; every row of the RBAC table is allowed (SubjectAccessReview) and neighbouring
+//!   requests are denied.
+//! - the console (`console.enabled`, default on) renders five objects, its pod is admitted under the
+//!   restricted profile, the operator's gateway URL defaults to its Service, and its ServiceAccount
+//!   can do every row of the console RBAC table (SubjectAccessReview) and no neighbouring request;
+//!   with the console off, `consoleGatewayUrl` is required.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -91,14 +102,55 @@ fn helm_lints_the_chart_and_refuses_values_the_operator_would_refuse() {
         "helm lint: {}",
         String::from_utf8_lossy(&lint.stdout)
     );
-    // The defaults render 11 objects (the CRD in crds/ is installed, not templated).
-    assert_eq!(helm_template(&zarf, "paddock", "paddock-system", &[]).len(), 11);
+    // The defaults render 18 objects (the CRD in crds/ is installed, not templated): 13 of the
+    // operator and 5 of the console.
+    let defaults = helm_template(&zarf, "paddock", "paddock-system", &[]);
+    assert_eq!(defaults.len(), 18);
+    // The operator points Baffles at the console's Service.
+    let operator = defaults
+        .iter()
+        .find(|object| object["kind"] == "Deployment" && object["metadata"]["name"] == "paddock-operator")
+        .unwrap();
+    assert!(
+        operator["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(
+                "--console-gateway-url=ws://paddock-console.paddock-system.svc"
+            )),
+        "{operator:#?}"
+    );
+    let without_console = helm_template(
+        &zarf,
+        "paddock",
+        "paddock-system",
+        &[
+            "console.enabled=false",
+            "consoleGatewayUrl=wss://gateway.example.invalid",
+        ],
+    );
+    assert_eq!(without_console.len(), 13);
+    assert!(
+        without_console
+            .iter()
+            .all(|object| object["metadata"]["labels"]["app.kubernetes.io/component"] != "console")
+    );
+    // Without the console, the operator needs to be told where the gateway is.
+    let output = helm_template_output(&zarf, "paddock", "paddock-system", &["console.enabled=false"]);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("consoleGatewayUrl must be set"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     for bad in [
         "webhook.timeoutSeconds=31",
         "webhook.failurePolicy=Sometimes",
         "replicas=0",
         "watchNamespace=Not_A_Namespace",
         "replica=3",
+        "console.enabled=maybe",
+        "console.replicas=2",
     ] {
         let output = helm_template_output(&zarf, "paddock", "paddock-system", &[bad]);
         assert!(!output.status.success(), "helm accepted {bad}");
@@ -129,7 +181,12 @@ fn api_resource(object: &Value) -> (ApiResource, bool) {
     };
     let namespaced = !matches!(
         kind,
-        "ClusterRole" | "ClusterRoleBinding" | "CustomResourceDefinition" | "Namespace"
+        "ClusterRole"
+            | "ClusterRoleBinding"
+            | "CustomResourceDefinition"
+            | "Namespace"
+            | "MutatingWebhookConfiguration"
+            | "ValidatingWebhookConfiguration"
     );
     (
         ApiResource {
@@ -141,6 +198,21 @@ fn api_resource(object: &Value) -> (ApiResource, bool) {
         },
         namespaced,
     )
+}
+
+/// Server-side applies `object` as the field manager `manager` (e.g. `helm`, as Helm 4 does).
+async fn apply_as(client: &kube::Client, object: &Value, manager: &str) -> Result<(), kube::Error> {
+    let (resource, _) = api_resource(object);
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let mut parameters = PatchParams::apply(manager).force();
+    parameters.field_validation = Some(kube::api::ValidationDirective::Strict);
+    api.patch(
+        object["metadata"]["name"].as_str().unwrap(),
+        &parameters,
+        &Patch::Apply(object),
+    )
+    .await
+    .map(|_| ())
 }
 
 async fn apply(client: &kube::Client, object: &Value, dry_run: bool) -> Result<(), kube::Error> {
@@ -307,24 +379,36 @@ async fn zarf_packages_the_chart_and_image_and_the_api_server_accepts_every_obje
     let objects = documents(&String::from_utf8_lossy(&manifests.stdout));
     for (kind, count) in [
         ("CustomResourceDefinition", 1),
-        ("ServiceAccount", 1),
-        ("ClusterRole", 2),
-        ("ClusterRoleBinding", 2),
+        ("ServiceAccount", 2),
+        ("ClusterRole", 3),
+        ("ClusterRoleBinding", 3),
         ("Role", 1),
         ("RoleBinding", 1),
-        ("Deployment", 1),
-        ("Service", 2),
+        ("Deployment", 2),
+        ("Service", 3),
         ("PodDisruptionBudget", 1),
+        ("MutatingWebhookConfiguration", 1),
+        ("ValidatingWebhookConfiguration", 1),
     ] {
         assert_eq!(kind_count(&objects, kind), count, "{kind} in {objects:#?}");
     }
     let deployment = objects
         .iter()
-        .find(|object| object["kind"] == "Deployment")
+        .find(|object| object["kind"] == "Deployment" && object["metadata"]["name"] == "paddock-operator")
         .unwrap();
     assert_eq!(deployment["spec"]["replicas"], 2);
     assert_eq!(
         deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+        paddock_deploy::operator_image()
+    );
+    let console = objects
+        .iter()
+        .find(|object| object["kind"] == "Deployment" && object["metadata"]["name"] == "paddock-console")
+        .unwrap();
+    // One replica: the session signing key is per process.
+    assert_eq!(console["spec"]["replicas"], 1);
+    assert_eq!(
+        console["spec"]["template"]["spec"]["containers"][0]["image"],
         paddock_deploy::operator_image()
     );
 
@@ -366,27 +450,32 @@ async fn zarf_packages_the_chart_and_image_and_the_api_server_accepts_every_obje
             );
         }
     }
-    // Pod Security admission judges pods, not Deployments: a pod from the template must be admitted
+    // Pod Security admission judges pods, not Deployments: a pod from each template must be admitted
     // under `restricted`.
-    let mut pod_spec = deployment["spec"]["template"]["spec"].clone();
-    pod_spec["serviceAccountName"] = json!("default");
-    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "operator", "namespace": namespace.name()},
-        "spec": pod_spec,
-    }))
-    .unwrap();
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace.name());
-    pods.create(
-        &PostParams {
-            dry_run: true,
-            ..PostParams::default()
-        },
-        &pod,
-    )
-    .await
-    .unwrap_or_else(|error| panic!("the restricted profile refused the operator pod: {error}"));
+    let mut pod = None;
+    for (which, deployment) in [("operator", deployment), ("console", console)] {
+        let mut pod_spec = deployment["spec"]["template"]["spec"].clone();
+        pod_spec["serviceAccountName"] = json!("default");
+        let candidate: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": which, "namespace": namespace.name()},
+            "spec": pod_spec,
+        }))
+        .unwrap();
+        pods.create(
+            &PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            },
+            &candidate,
+        )
+        .await
+        .unwrap_or_else(|error| panic!("the restricted profile refused the {which} pod: {error}"));
+        pod.get_or_insert(candidate);
+    }
+    let pod = pod.unwrap();
     // And the profile is enforced here: a privileged variant is refused.
     let mut privileged = pod.clone();
     if let Some(spec) = privileged.spec.as_mut() {
@@ -538,6 +627,197 @@ fn free_port() -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_console_service_account_can_do_exactly_the_console_table() {
+    let Some(zarf) = require_zarf("the_console_service_account_can_do_exactly_the_console_table").unwrap()
+    else {
+        return;
+    };
+    let Some(cluster) = Cluster::shared().unwrap() else {
+        return;
+    };
+    let admin = cluster.admin_client().await.unwrap();
+    let own = cluster.namespace("pdc").await.unwrap();
+    let elsewhere = cluster.namespace("pdcx").await.unwrap();
+    let release = own.name().to_owned();
+    let objects = helm_template(&zarf, &release, own.name(), &[]);
+    let _cleanup = Cleanup {
+        kubectl: cluster.kubectl(),
+        objects: vec![
+            format!("clusterrole/{release}-console"),
+            format!("clusterrolebinding/{release}-console"),
+        ],
+    };
+    let console_objects: Vec<&Value> = objects
+        .iter()
+        .filter(|object| object["metadata"]["labels"]["app.kubernetes.io/component"] == "console")
+        .collect();
+    for (kind, count) in [
+        ("ServiceAccount", 1),
+        ("ClusterRole", 1),
+        ("ClusterRoleBinding", 1),
+        ("Deployment", 1),
+        ("Service", 1),
+    ] {
+        assert_eq!(
+            console_objects
+                .iter()
+                .filter(|object| object["kind"] == kind)
+                .count(),
+            count,
+            "{kind}"
+        );
+    }
+    assert_eq!(console_objects.len(), 5);
+    for object in console_objects.iter().filter(|object| {
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"].contains(&object["kind"].as_str().unwrap())
+    }) {
+        apply(&admin, object, false).await.unwrap();
+    }
+    let user = format!("system:serviceaccount:{}:{release}-console", own.name());
+    let groups = vec![
+        "system:serviceaccounts".to_owned(),
+        format!("system:serviceaccounts:{}", own.name()),
+        "system:authenticated".to_owned(),
+    ];
+    // Every row of the console table, cluster-wide and in any namespace.
+    for permission in rbac::console_permissions() {
+        let places: Vec<(Option<&str>, Option<&str>)> = match permission.resource {
+            "tokenreviews" | "subjectaccessreviews" => vec![(None, None)],
+            "users" => vec![(None, Some("alice")), (None, Some("system:admin"))],
+            "groups" => vec![(None, Some("developers"))],
+            "serviceaccounts" => vec![(Some(elsewhere.name()), Some("default"))],
+            _ => vec![(None, None), (Some(elsewhere.name()), None)],
+        };
+        for (namespace, name) in places {
+            assert!(
+                allowed(
+                    &admin,
+                    &user,
+                    &groups,
+                    attributes(
+                        permission.api_group,
+                        permission.resource,
+                        permission.verb,
+                        namespace,
+                        name
+                    )
+                )
+                .await,
+                "{permission:?} is not granted in {namespace:?} for {name:?}"
+            );
+        }
+    }
+    // Neighbouring requests are not: the console writes nothing with its own credentials, and reads
+    // nothing but its four caches.
+    for (group, resource, verb, namespace, name) in [
+        (
+            "kubevirt.io",
+            "virtualmachines",
+            "get",
+            Some(elsewhere.name()),
+            Some("any"),
+        ),
+        (
+            "kubevirt.io",
+            "virtualmachines",
+            "patch",
+            Some(elsewhere.name()),
+            Some("any"),
+        ),
+        (
+            "kubevirt.io",
+            "virtualmachines",
+            "delete",
+            Some(elsewhere.name()),
+            Some("any"),
+        ),
+        (
+            "kubevirt.io",
+            "virtualmachines/start",
+            "update",
+            Some(elsewhere.name()),
+            Some("any"),
+        ),
+        (
+            "subresources.kubevirt.io",
+            "virtualmachineinstances/vnc",
+            "get",
+            Some(elsewhere.name()),
+            Some("any"),
+        ),
+        (
+            "paddock.dev",
+            "virtualmachineapps",
+            "patch",
+            Some(elsewhere.name()),
+            Some("any"),
+        ),
+        (
+            "snapshot.kubevirt.io",
+            "virtualmachinesnapshots",
+            "create",
+            Some(elsewhere.name()),
+            None,
+        ),
+        (
+            "snapshot.kubevirt.io",
+            "virtualmachinerestores",
+            "list",
+            None,
+            None,
+        ),
+        ("cdi.kubevirt.io", "datavolumes", "list", None, None),
+        ("", "secrets", "list", Some(elsewhere.name()), None),
+        ("", "pods", "list", None, None),
+        (
+            "authentication.k8s.io",
+            "userextras",
+            "impersonate",
+            None,
+            Some("scopes"),
+        ),
+        ("authentication.k8s.io", "uids", "impersonate", None, Some("any")),
+        ("", "users", "get", None, Some("alice")),
+        (
+            "rbac.authorization.k8s.io",
+            "clusterroles",
+            "bind",
+            None,
+            Some("cluster-admin"),
+        ),
+        (
+            "authorization.k8s.io",
+            "localsubjectaccessreviews",
+            "create",
+            Some(elsewhere.name()),
+            None,
+        ),
+    ] {
+        assert!(
+            !allowed(
+                &admin,
+                &user,
+                &groups,
+                attributes(group, resource, verb, namespace, name)
+            )
+            .await,
+            "{verb} {group}/{resource} {name:?} in {namespace:?} is granted but the console never needs it"
+        );
+    }
+    // And the operator's identity does not get the console's rights.
+    let operator = format!("system:serviceaccount:{}:{release}-operator", own.name());
+    assert!(
+        !allowed(
+            &admin,
+            &operator,
+            &groups,
+            attributes("", "users", "impersonate", None, Some("alice"))
+        )
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_operator_works_with_exactly_the_chart_rbac() {
     let Some(zarf) = require_zarf("the_operator_works_with_exactly_the_chart_rbac").unwrap() else {
         return;
@@ -559,6 +839,9 @@ async fn the_operator_works_with_exactly_the_chart_rbac() {
             &format!("watchNamespace={}", watched.name()),
             &format!("webhook.configurationName={configuration}"),
             "webhook.failurePolicy=Ignore",
+            // The console has its own test; here only the operator's objects.
+            "console.enabled=false",
+            "consoleGatewayUrl=wss://gateway.example.invalid",
         ],
     );
     let _cleanup = Cleanup {
@@ -606,6 +889,7 @@ async fn the_operator_works_with_exactly_the_chart_rbac() {
             ),
             (Scope::Cluster, ResourceName::Fixed(name)) => (None, Some(name.as_str())),
             (Scope::Cluster, _) => (None, Some(configuration.as_str())),
+            (Scope::Console, _) => panic!("{permission:?}: the operator's table has no console rows"),
         };
         assert!(
             allowed(
@@ -686,6 +970,21 @@ async fn the_operator_works_with_exactly_the_chart_rbac() {
             None,
             Some(configuration.as_str()),
         ),
+        // The chart owns the configurations: the operator never creates one.
+        (
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            "create",
+            None,
+            None,
+        ),
+        (
+            "admissionregistration.k8s.io",
+            "validatingwebhookconfigurations",
+            "list",
+            None,
+            None,
+        ),
         (
             "apiextensions.k8s.io",
             "customresourcedefinitions",
@@ -735,6 +1034,10 @@ async fn the_operator_works_with_exactly_the_chart_rbac() {
         arguments.contains(&format!("--namespace={}", watched.name())),
         "{arguments:?}"
     );
+    assert!(
+        arguments.contains(&"--webhook-configurations=inject-ca".to_owned()),
+        "{arguments:?}"
+    );
     let log = scratch.path().join("operator.log");
     let mut operator = Running(
         Command::new(paddock_binary().unwrap())
@@ -766,22 +1069,66 @@ async fn the_operator_works_with_exactly_the_chart_rbac() {
             .map(|_| ())
     })
     .await;
-    let mutating: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
-        Api::all(admin.clone());
+    // No configuration yet (Helm may create them after the pods start): up, but not ready.
+    wait_for("/readyz to answer", async || readiness(port)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(readiness(port), Some(503), "ready without webhook configurations");
+
+    // The chart's configurations, as Helm applies them, except that the API server reaches the
+    // webhooks on loopback (a URL instead of the Service, like --webhook-url above).
+    let chart_configurations: Vec<Value> = objects
+        .iter()
+        .filter(|object| object["kind"].as_str().unwrap().ends_with("WebhookConfiguration"))
+        .map(|object| loopback_configuration(object, port))
+        .collect();
+    assert_eq!(chart_configurations.len(), 2);
+    for object in &chart_configurations {
+        assert_eq!(object["metadata"]["name"], configuration.as_str());
+        assert!(object.to_string().find("caBundle").is_none(), "{object}");
+        apply_as(&admin, object, "helm").await.unwrap();
+    }
+    let mutating: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+    let validating: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
+    let tls_secret = secrets.get(&rbac::webhook_tls_secret_name()).await.unwrap();
+    let ca = String::from_utf8(
+        tls_secret.data.unwrap()[paddock_admission::tls::CA_CERTIFICATE_KEY]
+            .0
+            .clone(),
+    )
+    .unwrap();
     wait_for(
-        "the mutating webhook configuration with a CA bundle",
+        "the CA injected into every webhook of both configurations",
         async || {
-            let configuration = mutating.get_opt(&configuration).await.ok()??;
-            configuration
-                .webhooks?
-                .first()?
-                .client_config
-                .ca_bundle
-                .as_ref()
-                .map(|_| ())
+            injected(&mutating, &validating, &configuration, &ca)
+                .await
+                .then_some(())
         },
     )
     .await;
+    wait_for("/readyz 200 once the CA is injected", async || {
+        (readiness(port)? == 200).then_some(())
+    })
+    .await;
+    // Only caBundle changed hands: the chart's manager still owns the rest (service, rules…).
+    let live = mutating.get(&configuration).await.unwrap();
+    let managers: Vec<String> = live
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|entry| entry.manager.clone())
+        .collect();
+    assert!(managers.contains(&"helm".to_owned()), "{managers:?}");
+    assert!(
+        managers
+            .iter()
+            .any(|manager| manager.starts_with("paddock-admission")),
+        "{managers:?}"
+    );
+    for webhook in live.webhooks.unwrap() {
+        assert!(webhook.client_config.url.is_some(), "{webhook:?}");
+        assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"));
+    }
 
     // An app in the watched namespace: defaulted by the webhook, reconciled by the controllers.
     let apps: Api<DynamicObject> =
@@ -807,6 +1154,56 @@ async fn the_operator_works_with_exactly_the_chart_rbac() {
         "the mutating webhook did not default the app: {:?}",
         created.metadata
     );
+
+    // `helm upgrade --force` (a replace) writes the chart's objects without a caBundle: the
+    // operator notices and injects it again, and the API server calls the webhook again.
+    for object in &chart_configurations {
+        let (resource, _) = api_resource(object);
+        let api: Api<DynamicObject> = Api::all_with(admin.clone(), &resource);
+        let current = api.get(&configuration).await.unwrap();
+        let mut replacement: DynamicObject = serde_json::from_value(object.clone()).unwrap();
+        replacement.metadata.resource_version = current.metadata.resource_version;
+        let stored = api
+            .replace(&configuration, &PostParams::default(), &replacement)
+            .await
+            .unwrap();
+        // What the replace stored (the operator may re-inject before a later read could see it).
+        assert!(
+            stored.data["webhooks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|webhook| webhook["clientConfig"].get("caBundle").is_none()),
+            "the replace did not reset the caBundle: {:?}",
+            stored.data
+        );
+    }
+    wait_for("the CA injected again after the reset", async || {
+        injected(&mutating, &validating, &configuration, &ca)
+            .await
+            .then_some(())
+    })
+    .await;
+    let mut probe_app = app.clone();
+    probe_app.metadata.name = Some("rbac-probe".to_owned());
+    wait_for("the webhook called again after the reset", async || {
+        let probe = apps
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..PostParams::default()
+                },
+                &probe_app,
+            )
+            .await
+            .ok()?;
+        probe
+            .metadata
+            .annotations?
+            .contains_key(paddock_admission::mutate::DEFAULTED_ANNOTATION)
+            .then_some(())
+    })
+    .await;
     let in_watched = |resource: ApiResource| {
         Api::<DynamicObject>::namespaced_with(admin.clone(), watched.name(), &resource)
     };
@@ -885,6 +1282,33 @@ async fn the_operator_works_with_exactly_the_chart_rbac() {
     })
     .await;
 
+    // Uninstall: Helm deletes the webhook configurations first, while the pods still run. The
+    // operator must not bring them back (it has no create permission, and must not try).
+    for object in &chart_configurations {
+        let (resource, _) = api_resource(object);
+        let api: Api<DynamicObject> = Api::all_with(admin.clone(), &resource);
+        api.delete(&configuration, &Default::default()).await.unwrap();
+    }
+    wait_for("/readyz 503 without webhook configurations", async || {
+        (readiness(port)? == 503).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(mutating.get_opt(&configuration).await.unwrap().is_none());
+    assert!(validating.get_opt(&configuration).await.unwrap().is_none());
+
+    // The controllers' caches sync under the chart's RBAC. A watcher refused while the test was
+    // still applying RBAC retries with backoff, so wait for it rather than race the shutdown.
+    wait_for(
+        "the operator's caches to sync (\"caches synced; ready\" in its log)",
+        async || {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .contains("caches synced; ready")
+                .then_some(())
+        },
+    )
+    .await;
     // A graceful stop releases the Lease (an update).
     let status = Command::new("kill")
         .args(["-TERM", &operator.0.id().to_string()])
@@ -905,7 +1329,7 @@ async fn the_operator_works_with_exactly_the_chart_rbac() {
     assert_eq!(lease.spec.unwrap().holder_identity, None, "{stderr}");
     eprintln!("--- the operator's log ---\n{stderr}");
     for expected in [
-        "published the webhook CA bundle",
+        "injected the webhook CA bundle",
         "caches synced; ready",
         "released the leader lease",
     ] {
@@ -920,6 +1344,100 @@ async fn the_operator_works_with_exactly_the_chart_rbac() {
             "the operator was refused a request under the chart's RBAC:\n{stderr}"
         );
     }
+    // The rest of the uninstall: every chart object gone, no webhook configuration left behind.
+    for object in objects.iter().filter(|object| {
+        !["Deployment", "Service", "PodDisruptionBudget"].contains(&object["kind"].as_str().unwrap())
+    }) {
+        let (resource, namespaced) = api_resource(object);
+        let api: Api<DynamicObject> = if namespaced {
+            Api::namespaced_with(
+                admin.clone(),
+                object["metadata"]["namespace"].as_str().unwrap(),
+                &resource,
+            )
+        } else {
+            Api::all_with(admin.clone(), &resource)
+        };
+        let _ = api
+            .delete(object["metadata"]["name"].as_str().unwrap(), &Default::default())
+            .await;
+    }
+    let remaining_mutating: Vec<String> = mutating
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|object| object.metadata.name)
+        .filter(|name| name == &configuration)
+        .collect();
+    let remaining_validating: Vec<String> = validating
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|object| object.metadata.name)
+        .filter(|name| name == &configuration)
+        .collect();
+    assert!(remaining_mutating.is_empty() && remaining_validating.is_empty());
+}
+
+/// The status of `GET /readyz` on the webhook port (HTTPS, as the kubelet probes it: certificate
+/// not verified), or `None` when nothing answers.
+fn readiness(port: u16) -> Option<u16> {
+    let output = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
+        .arg(format!("https://127.0.0.1:{port}/readyz"))
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .filter(|code| *code != 0)
+}
+
+/// A rendered webhook configuration whose webhooks call `https://127.0.0.1:<port><path>` instead of
+/// the chart's Service (there is no pod network in the test control plane).
+fn loopback_configuration(object: &Value, port: u16) -> Value {
+    let mut object = object.clone();
+    for webhook in object["webhooks"].as_array_mut().unwrap() {
+        let path = webhook["clientConfig"]["service"]["path"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        webhook["clientConfig"] = json!({"url": format!("https://127.0.0.1:{port}{path}")});
+    }
+    object
+}
+
+/// Whether every webhook of both configurations named `name` trusts `ca`.
+async fn injected(
+    mutating: &Api<MutatingWebhookConfiguration>,
+    validating: &Api<ValidatingWebhookConfiguration>,
+    name: &str,
+    ca: &str,
+) -> bool {
+    let trusts = |bundle: Option<&k8s_openapi::ByteString>| {
+        bundle.is_some_and(|bundle| String::from_utf8_lossy(&bundle.0).contains(ca.trim()))
+    };
+    let Ok(Some(mutating)) = mutating.get_opt(name).await else {
+        return false;
+    };
+    let Ok(Some(validating)) = validating.get_opt(name).await else {
+        return false;
+    };
+    let mutating = mutating.webhooks.unwrap_or_default();
+    let validating = validating.webhooks.unwrap_or_default();
+    !mutating.is_empty()
+        && !validating.is_empty()
+        && mutating
+            .iter()
+            .all(|webhook| trusts(webhook.client_config.ca_bundle.as_ref()))
+        && validating
+            .iter()
+            .all(|webhook| trusts(webhook.client_config.ca_bundle.as_ref()))
 }
 
 /// A child process killed when the test ends early.

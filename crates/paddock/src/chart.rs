@@ -135,16 +135,8 @@ mod tests {
                         "--webhook-configuration-name=paddock",
                     )
                     .replace(
-                        r#"{{ printf "--webhook-failure-policy=%s" (.Values.webhook.failurePolicy | lower) | quote }}"#,
-                        "--webhook-failure-policy=fail",
-                    )
-                    .replace(
-                        r#"{{ printf "--webhook-timeout-seconds=%v" .Values.webhook.timeoutSeconds | quote }}"#,
-                        "--webhook-timeout-seconds=5",
-                    )
-                    .replace(
-                        r#"{{ printf "--console-gateway-url=%s" .Values.consoleGatewayUrl | quote }}"#,
-                        "--console-gateway-url=wss://paddock-console.paddock-system.svc",
+                        r#"{{ printf "--console-gateway-url=%s" (.Values.consoleGatewayUrl | default (ternary (printf "ws://%s-console.%s.svc" .Release.Name .Release.Namespace) "" .Values.console.enabled) | required "consoleGatewayUrl must be set when console.enabled is false") | quote }}"#,
+                        "--console-gateway-url=ws://paddock-console.paddock-system.svc",
                     )
                     .replace(
                         r#"{{ printf "--namespace=%s" . | quote }}"#,
@@ -164,8 +156,8 @@ mod tests {
             "webhook_listen: 0.0.0.0:8443",
             "listen: 0.0.0.0:8080",
             "lease_name: \"paddock-operator\"",
-            "webhook_failure_policy: Fail",
-            "webhook_timeout_seconds: 5",
+            // The chart owns the webhook configurations; the operator only injects the CA.
+            "webhook_configurations: InjectCa",
         ] {
             assert!(shown.contains(expected), "{expected} not in {shown}");
         }

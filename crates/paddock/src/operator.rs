@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use futures_util::FutureExt as _;
-use paddock_admission::{AdmissionMetrics, AdmissionOptions, FailurePolicy, WebhookEndpoint};
+use paddock_admission::{
+    AdmissionMetrics, AdmissionOptions, ConfigurationMode, FailurePolicy, WebhookEndpoint,
+};
 use paddock_operator::{LeaseTiming, Metrics, Options};
 
 /// What the API server does when the webhooks cannot answer.
@@ -22,6 +24,18 @@ pub enum FailurePolicyFlag {
     Fail,
     /// Admit it unchecked.
     Ignore,
+}
+
+/// Who owns the webhook configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WebhookConfigurationsFlag {
+    /// The operator creates and owns both configurations (server-side apply, CA bundle included);
+    /// nothing deletes them when it stops. For runs outside Helm.
+    Managed,
+    /// Something else (the Helm chart) owns them; the operator only keeps every webhook's
+    /// `caBundle` in the two configurations named --webhook-configuration-name current and never
+    /// creates them. --webhook-failure-policy and --webhook-timeout-seconds are then the owner's.
+    InjectCa,
 }
 
 /// `paddock operator` flags.
@@ -82,6 +96,11 @@ pub struct OperatorArgs {
     /// The name of the webhook configurations (mutating and validating).
     #[arg(long, default_value = "paddock")]
     webhook_configuration_name: String,
+    /// Who owns the webhook configurations: `managed` (this process applies them whole; the
+    /// default, for runs outside Helm) or `inject-ca` (the Helm chart owns them, so `helm uninstall`
+    /// removes them; this process only injects the CA bundle; the chart passes it).
+    #[arg(long, value_enum, default_value = "managed")]
+    webhook_configurations: WebhookConfigurationsFlag,
     /// What the API server does when the webhooks cannot answer.
     #[arg(long, value_enum, default_value = "fail")]
     webhook_failure_policy: FailurePolicyFlag,
@@ -164,6 +183,10 @@ pub fn run(arguments: &OperatorArgs) -> anyhow::Result<()> {
                 FailurePolicyFlag::Ignore => FailurePolicy::Ignore,
             };
             admission.timeout_seconds = arguments.webhook_timeout_seconds;
+            admission.configurations = match arguments.webhook_configurations {
+                WebhookConfigurationsFlag::Managed => ConfigurationMode::Managed,
+                WebhookConfigurationsFlag::InjectCa => ConfigurationMode::InjectCa,
+            };
             admission.metrics = admission_metrics;
             if let Some(namespace) = &options.namespace {
                 // A namespace-scoped operator admits only its own namespace.
