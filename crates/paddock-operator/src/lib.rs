@@ -42,7 +42,7 @@ use kube::{
         Controller, WatchStreamExt as _,
         controller::{self, Action},
         events::{Recorder, Reporter},
-        reflector::{self, ObjectRef, Store},
+        reflector::{self, ObjectRef, Store, reflector},
         watcher,
     },
 };
@@ -466,6 +466,76 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The first complete list of each tracked reflector cache, as its watch stream reports it.
+#[derive(Default)]
+struct CacheSync {
+    tracked: Mutex<Vec<(&'static str, watch::Receiver<bool>)>>,
+}
+
+impl CacheSync {
+    /// Tracks `resource`: the returned observer of its watch stream marks it synced at the first
+    /// `InitDone` and logs watch errors.
+    fn observer<K>(
+        &self,
+        resource: &'static str,
+    ) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + use<K> {
+        let (sender, receiver) = watch::channel(false);
+        if let Ok(mut tracked) = self.tracked.lock() {
+            tracked.push((resource, receiver));
+        }
+        let mut observe = watch_error_logger(resource);
+        move |event| {
+            if let Ok(watcher::Event::InitDone) = event {
+                sender.send_replace(true);
+            }
+            observe(event);
+        }
+    }
+
+    /// [`CacheSync::observer`] as a `for_each` step that ends a reflector stream's pipeline.
+    fn track<K>(
+        &self,
+        resource: &'static str,
+    ) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> future::Ready<()> + use<K> {
+        let mut observe = self.observer(resource);
+        move |event| {
+            observe(&event);
+            future::ready(())
+        }
+    }
+
+    /// Waits until every tracked cache has synced; warns, naming the resource, while one takes
+    /// longer than [`SYNC_WARNING_AFTER`], so a stuck watch shows in the log, not only as an
+    /// unready pod.
+    async fn wait_all(self) {
+        let tracked = self.tracked.into_inner().unwrap_or_default();
+        for (resource, mut receiver) in tracked {
+            loop {
+                match tokio::time::timeout(SYNC_WARNING_AFTER, receiver.wait_for(|synced| *synced)).await {
+                    Ok(Ok(_)) => break,
+                    // The watch stream ended: the controllers are stopping.
+                    Ok(Err(_)) => return,
+                    Err(_) => tracing::warn!(resource, "cache not synced yet; is the watch failing?"),
+                }
+            }
+            tracing::debug!(resource, "cache synced");
+        }
+    }
+}
+
+/// Logs a reflector stream's watch errors (the watcher retries them with backoff; without this a
+/// failing watch would be silent).
+fn watch_error_logger<K>(resource: &'static str) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) {
+    move |event| {
+        if let Err(error) = event {
+            tracing::warn!(resource, %error, "watch failed; retrying with backoff");
+        }
+    }
+}
+
+/// How long a cache may take to sync before [`CacheSync::wait_all`] warns.
+const SYNC_WARNING_AFTER: Duration = Duration::from_secs(15);
+
 /// How long a graceful shutdown waits for running reconciles.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -531,30 +601,42 @@ async fn run_controllers(
         return;
     };
 
+    // Readiness comes from the reflector streams themselves (their first InitDone), not from
+    // `Store::wait_until_ready`: a store's readiness future wakes only its latest waiter, and the
+    // controllers already wait on their stores, so a second waiter could starve one of them.
+    let synced = CacheSync::default();
     let reflectors = future::join5(
         watcher(api::<DataVolume>(&client, namespace), managed())
             .default_backoff()
             .reflect_shared(dv_writer)
-            .for_each(|_| future::ready(())),
+            .for_each(synced.track("datavolumes")),
         watcher(
             api::<VirtualMachine>(&client, namespace),
             watcher::Config::default(),
         )
         .default_backoff()
         .reflect_shared(vm_writer)
-        .for_each(|_| future::ready(())),
+        .for_each(synced.track("virtualmachines")),
         watcher(api::<Secret>(&client, namespace), managed())
             .default_backoff()
             .reflect_shared(secret_writer)
-            .for_each(|_| future::ready(())),
+            .for_each(synced.track("secrets")),
+        // Untracked for readiness: without the Baffles CRD this never syncs, and the operator
+        // still works.
         watcher(api::<BafflesApplication>(&client, namespace), managed())
             .default_backoff()
             .reflect_shared(baffles_writer)
-            .for_each(|_| future::ready(())),
+            .for_each({
+                let mut observe = watch_error_logger("bafflesapplications");
+                move |event| {
+                    observe(&event);
+                    future::ready(())
+                }
+            }),
         watcher(api::<VirtualMachineSnapshot>(&client, namespace), managed())
             .default_backoff()
             .reflect_shared(snapshot_writer)
-            .for_each(|_| future::ready(())),
+            .for_each(synced.track("virtualmachinesnapshots")),
     );
     let _reflectors = AbortOnDrop(tokio::spawn(reflectors.map(|_| ())));
 
@@ -583,18 +665,24 @@ async fn run_controllers(
             receiver.changed().await.ok().map(|()| ((), receiver))
         })
     };
-    let app_controller = Controller::new(
-        api::<VirtualMachineApp>(&client, namespace),
-        watcher::Config::default(),
+    let (apps, apps_writer) = reflector::store::<VirtualMachineApp>();
+    let app_events = reflector(
+        apps_writer,
+        watcher(
+            api::<VirtualMachineApp>(&client, namespace),
+            watcher::Config::default(),
+        ),
     )
-    .with_config(config.clone())
-    .owns_shared_stream(dv_events)
-    .owns_shared_stream(vm_events_app)
-    .owns_shared_stream(secret_events)
-    .owns_shared_stream(baffles_events_app)
-    .owns_shared_stream(snapshot_events)
-    .reconcile_all_on(facts_changed);
-    let apps = app_controller.store();
+    .inspect(synced.observer("virtualmachineapps"))
+    .applied_objects();
+    let app_controller = Controller::for_stream(app_events, apps)
+        .with_config(config.clone())
+        .owns_shared_stream(dv_events)
+        .owns_shared_stream(vm_events_app)
+        .owns_shared_stream(secret_events)
+        .owns_shared_stream(baffles_events_app)
+        .owns_shared_stream(snapshot_events)
+        .reconcile_all_on(facts_changed);
     let app_controller = app_controller
         .graceful_shutdown_on(stop.clone())
         .run(app_controller::reconcile, error_policy, context.clone())
@@ -617,19 +705,9 @@ async fn run_controllers(
     let readiness = {
         let ready = probes.ready.clone();
         async move {
-            // The Baffles store is left out: without the CRD it never syncs, and the operator still works.
-            let synced = future::join5(
-                apps.wait_until_ready(),
-                data_volumes.wait_until_ready(),
-                virtual_machines.wait_until_ready(),
-                secrets.wait_until_ready(),
-                snapshots.wait_until_ready(),
-            )
-            .await;
-            if let (Ok(()), Ok(()), Ok(()), Ok(()), Ok(())) = synced {
-                tracing::info!("caches synced; ready");
-                ready.store(true, Ordering::Relaxed);
-            }
+            synced.wait_all().await;
+            tracing::info!("caches synced; ready");
+            ready.store(true, Ordering::Relaxed);
         }
     };
     let _readiness = AbortOnDrop(tokio::spawn(readiness));
