@@ -1,8 +1,9 @@
 // The detail page of one VM: status and conditions, power actions (with force stop and pause),
-// snapshots (take, restore, delete), the events this tab has seen, the manifest, a screen
+// snapshots (take, restore, delete), backups to a registry (see backups.ts), the events this tab has seen, the manifest, a screen
 // thumbnail and deletion with confirmation.
 
 import { Snapshot, Vm, backend, cloneVm, migrate, power, request, screenshotUrl, vmPath } from "./api";
+import { backupSection } from "./backups";
 import { h, phaseBadge, replaceChildren, timeAgo } from "./dom";
 import { resourcesOf } from "./list";
 import { store } from "./store";
@@ -119,6 +120,7 @@ export const detailPage: Page = (root, [namespace, name]) => {
   });
 
   const refreshed = (): Promise<Vm> => request<Vm>("GET", vmPath(namespace, name));
+  const backups = backupSection(namespace, name);
 
   const powerAction = (item: PowerButton): void => {
     void run(item.busy, async () => {
@@ -223,6 +225,7 @@ export const detailPage: Page = (root, [namespace, name]) => {
     }
     const phase = vm.status.phase;
     const running = phase === "Running" || phase === "Paused";
+    backups.update(vm);
     if (vm.console.vnc && running && Date.now() - screenFetched > 10000) {
       screenFetched = Date.now();
       screenshotUrl(namespace, name).then(
@@ -325,6 +328,7 @@ export const detailPage: Page = (root, [namespace, name]) => {
             )
           : h("p", { class: "muted", id: "snapshots" }, "No snapshots."),
       ),
+      backups.element,
       h(
         "section",
         { "aria-labelledby": "events-title" },
@@ -361,6 +365,7 @@ export const detailPage: Page = (root, [namespace, name]) => {
   );
   return () => {
     unsubscribe();
+    backups.dispose();
     if (screenUrl) URL.revokeObjectURL(screenUrl);
   };
 };

@@ -11,6 +11,7 @@
 import "@xterm/xterm/css/xterm.css";
 import "./style.css";
 import { ApiError, backend, createSession, loadBackend, request, setToken, signOut, token } from "./api";
+import { backupsPage } from "./backups";
 import { vncPage, serialPage } from "./console";
 import { createPage } from "./create";
 import { detailPage } from "./detail";
@@ -25,6 +26,7 @@ mirrorInjectedStyles();
 const routes: [RegExp, Page, string][] = [
   [/^\/?$/, listPage, "Virtual machines"],
   [/^\/create$/, createPage, "Create a VM"],
+  [/^\/backups$/, backupsPage, "Backups"],
   [/^\/vm\/([^/]+)\/([^/]+)$/, detailPage, "VM"],
   [/^\/vm\/([^/]+)\/([^/]+)\/console$/, vncPage, "Console"],
   [/^\/vm\/([^/]+)\/([^/]+)\/serial$/, serialPage, "Serial console"],
@@ -44,7 +46,7 @@ function layout(): void {
     route();
   });
   const user = sessionStorage.getItem(USER_KEY);
-  replaceChildren(nav, h("a", { href: "#/" }, "Virtual machines"), h("a", { href: "#/create" }, "Create"), h("span", { class: "spacer" }), user ? h("span", { class: "muted", id: "signed-in-user" }, user) : null, h("a", { href: "/openapi.json", target: "_blank", rel: "noopener", id: "api-link" }, "API"), signOutButton);
+  replaceChildren(nav, h("a", { href: "#/" }, "Virtual machines"), h("a", { href: "#/create" }, "Create"), backend() === "local" ? h("a", { href: "#/backups" }, "Backups") : null, h("span", { class: "spacer" }), user ? h("span", { class: "muted", id: "signed-in-user" }, user) : null, h("a", { href: "/openapi.json", target: "_blank", rel: "noopener", id: "api-link" }, "API"), signOutButton);
   replaceChildren(
     document.body,
     h("a", { class: "skip-link", href: "#main" }, "Skip to content"),

@@ -1,17 +1,21 @@
 // End-to-end test of the web console against a real `paddock serve` and real QEMU, driven with
 // Playwright in Debian's Chromium (headless): sign in with the token, create a VM from the test
 // disk through the wizard, see it Running, read the serial console, check that the VNC canvas
-// shows a screen, take and restore a memory snapshot (the guest's state really goes back), and
-// delete the VM. Screenshots of each page go to target/web-screenshots/ (printed at the end).
+// shows a screen, take and restore a memory snapshot (the guest's state really goes back), back
+// the VM up to a real docker-registry on loopback and restore the backup as a new VM that runs,
+// and delete the VM. Screenshots of each page go to target/web-screenshots/ (printed at the end).
 //
 // Run: `node web/tests/console.test.mjs` (hack/test.sh does, after `npm ci`). Environment:
 //   PADDOCK_BIN       a built paddock binary (default: `cargo build -p paddock` and use that)
 //   PADDOCK_CACHE_DIR where tests/testdisk/build.sh caches the test disk
+//   (docker-registry  /usr/bin/docker-registry; when missing the backup steps are skipped loudly,
+//                     unless PADDOCK_REQUIRE_CHROMIUM=1 makes that a failure too)
 //   CHROMIUM          the browser (default /usr/bin/chromium); when missing the test is skipped
 //                     loudly, unless PADDOCK_REQUIRE_CHROMIUM=1 makes that a failure.
 import { chromium } from "playwright-core";
 import { spawn, spawnSync } from "node:child_process";
-import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -22,6 +26,8 @@ const browserPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const targetDir = process.env.CARGO_TARGET_DIR ? resolve(process.env.CARGO_TARGET_DIR) : join(repository, "target");
 const screenshots = join(targetDir, "web-screenshots");
 const VM = "web-e2e";
+const RESTORED = "web-e2e-restored";
+const REGISTRY_BINARY = "/usr/bin/docker-registry";
 const READY_BANNER = "PADDOCK TEST VM READY";
 const started = Date.now();
 const timings = [];
@@ -115,6 +121,42 @@ function startServe(binary, stateDir, logFile) {
     });
     child.on("exit", (code) => reject(new Error(`paddock serve exited (${code}); log:\n${logText}`)));
   });
+}
+
+/** A free loopback port (learnt by binding port 0; a race with another process is rare). */
+function freePort() {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => resolvePort(port));
+    });
+  });
+}
+
+/** A real docker-registry on loopback with storage in `directory`; `null` (loudly) when missing. */
+async function startRegistry(directory) {
+  if (!existsSync(REGISTRY_BINARY)) {
+    const message = `docker-registry is not installed at ${REGISTRY_BINARY}: the backup steps are SKIPPED. Install it with hack/install-deps.sh.`;
+    if (process.env.PADDOCK_REQUIRE_CHROMIUM === "1") throw new Error(message);
+    console.error(`\n${"!".repeat(100)}\n${message}\n${"!".repeat(100)}\n`);
+    return null;
+  }
+  mkdirSync(join(directory, "storage"), { recursive: true });
+  const address = `127.0.0.1:${await freePort()}`;
+  writeFileSync(
+    join(directory, "config.yml"),
+    `version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: ${join(directory, "storage")}\n  delete:\n    enabled: true\nhttp:\n  addr: ${address}\n  secret: paddock-web-e2e\n`,
+  );
+  // The registry logs every 404 (a HEAD before each upload) as an error: keep that in its own file.
+  const registryLog = openSync(join(directory, "registry.log"), "w");
+  const child = spawn(REGISTRY_BINARY, ["serve", join(directory, "config.yml")], { stdio: ["ignore", registryLog, registryLog] });
+  await waitFor("docker-registry to answer", 20000, async () => {
+    const answer = await fetch(`http://${address}/v2/`).then((response) => response.status, () => 0);
+    return { done: answer === 200, value: answer };
+  });
+  return { child, address };
 }
 
 /** The share of pixels of the VNC canvas that differ from its most common colour. */
@@ -341,6 +383,46 @@ async function run(scratch) {
       await page.locator("#vm-phase", { hasText: "Running" }).waitFor();
     });
 
+    // Back up the running VM to the loopback registry from its detail page, watch the progress
+    // bar end, see the backup listed, restore it as a new VM and see that one run.
+    const registry = await startRegistry(join(scratch, "registry"));
+    try {
+      if (registry) {
+        await timed("back up from the detail page", async () => {
+          await page.fill("#backup-repository", `${registry.address}/backups/web`);
+          await page.check("#backup-insecure");
+          await page.click("#backup-submit");
+          await page.locator('#operation-bar[data-phase="Running"], #operation-bar[data-phase="Succeeded"]').waitFor();
+          await page.locator('#operation-bar[data-phase="Succeeded"]').waitFor({ timeout: 300000 });
+          assert.equal(await page.locator("#operation-bar").getAttribute("value"), "100");
+          await page.locator(`tr[data-backup^="${VM}-"]`).waitFor({ timeout: 30000 });
+          assert.equal(await page.locator("#backups tbody tr").count(), 1, "exactly one backup is listed");
+          await page.locator("#backups-section").scrollIntoViewIfNeeded();
+          // The toast would cover the row's buttons (a screenshot's injected style breaks the CSP).
+          await page.evaluate(() => document.querySelectorAll(".toast").forEach((toast) => toast.remove()));
+          await page.screenshot({ path: join(screenshots, "backups.png"), fullPage: true });
+        });
+        await timed("restore as a new VM, Running", async () => {
+          await page.locator(`tr[data-backup^="${VM}-"] button[data-action=restore-as]`).click();
+          await page.fill("#restore-name", RESTORED);
+          await page.locator("dialog button", { hasText: "Restore" }).click();
+          await page.locator(".toast", { hasText: `default/${RESTORED} restored from` }).waitFor({ timeout: 300000 });
+          await page.click('header.top a:has-text("Virtual machines")');
+          await page.locator(`tr[data-vm="default/${RESTORED}"] [data-phase=Running]`).waitFor({ timeout: 120000 });
+        });
+        await timed("the Backups page lists the repository", async () => {
+          await page.click('header.top a:has-text("Backups")');
+          await page.locator(`#backups tr[data-backup^="${VM}-"]`).waitFor({ timeout: 30000 });
+        });
+        const removed = await page.request.delete(`${serve.base}/api/v1/vms/default/${RESTORED}?force=true`, { headers: { Authorization: `Bearer ${serve.token}` } });
+        assert.equal(removed.status(), 204, "the restored VM is deleted");
+        await page.goto(`${serve.base}/ui/#/vm/default/${VM}`);
+        await page.locator("#vm-phase", { hasText: "Running" }).waitFor();
+      }
+    } finally {
+      registry?.child.kill("SIGTERM");
+    }
+
     await timed("delete", async () => {
       await page.click("#vm-delete");
       await page.check("#delete-snapshots");
@@ -365,7 +447,9 @@ async function run(scratch) {
     await browser.close();
     // A failed run may leave the VM running; VMs outlive `paddock serve`, so delete it through
     // the API before stopping the server.
-    await fetch(`${serve.base}/api/v1/vms/default/${VM}?force=true`, { method: "DELETE", headers: { Authorization: `Bearer ${serve.token}` } }).catch(() => undefined);
+    for (const name of [VM, RESTORED]) {
+      await fetch(`${serve.base}/api/v1/vms/default/${name}?force=true`, { method: "DELETE", headers: { Authorization: `Bearer ${serve.token}` } }).catch(() => undefined);
+    }
     serve.child.kill("SIGTERM");
     await new Promise((resolveExit) => {
       if (serve.child.exitCode !== null) resolveExit();

@@ -16,7 +16,9 @@
 //!   do>"}`: NotFound 404, AlreadyExists and InvalidTransition 409, InvalidSpec and Unsupported
 //!   422, BadRequest 400, Unauthorized 401, Forbidden 403 (with `permission`: the verb, group,
 //!   resource, subresource and namespace the user lacks), UnsupportedMediaType 415, Internal 500,
-//!   Unavailable 503.
+//!   NotImplemented 501, BadGateway 502 (a registry), Unavailable 503.
+//! - Backups and restores are long-running: their POST answers 202 with an operation (and its
+//!   `Location`), which `GET /api/v1/operations/{id}` shows until it has Succeeded or Failed.
 //! - Console websockets (`console`, `vnc`) speak KubeVirt's protocol: subprotocol
 //!   `plain.kubevirt.io`, binary frames carrying raw bytes both ways. Errors (no such VM, VM not
 //!   running, no such console) are answered before the upgrade, as normal JSON errors.
@@ -49,8 +51,8 @@ use tracing::Instrument;
 
 use crate::auth::{AccessToken, Authentication, Caller, presented_token};
 use crate::backend::{
-    Backend, BackendError, ConsoleChannel, ConsoleKind, EventView, Permission, PowerAction, SnapshotRequest,
-    VmRef,
+    Backend, BackendError, BackupListRequest, BackupRequest, ConsoleChannel, ConsoleKind, EventView,
+    OperationView, Permission, PowerAction, RestoreRequest, SnapshotRequest, VmRef,
 };
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
 
@@ -349,6 +351,20 @@ fn route_table() -> Vec<RouteEntry> {
             "/api/v1/vms/{namespace}/{name}/clone",
             post(clone_vm),
         ),
+        entry(
+            Method::GET,
+            "/api/v1/vms/{namespace}/{name}/backups",
+            get(list_vm_backups),
+        ),
+        entry(
+            Method::POST,
+            "/api/v1/vms/{namespace}/{name}/backups",
+            post(create_backup),
+        ),
+        entry(Method::GET, "/api/v1/backups", get(list_backups)),
+        entry(Method::POST, "/api/v1/backups/restore", post(restore_backup)),
+        entry(Method::GET, "/api/v1/operations", get(list_operations)),
+        entry(Method::GET, "/api/v1/operations/{id}", get(get_operation)),
         entry(Method::GET, "/api/v1/events", get(events)),
         entry(Method::GET, "/api/v1/session", get(session)),
         entry(Method::POST, "/api/v1/session", post(create_session)),
@@ -404,6 +420,32 @@ struct DeleteQuery {
 #[serde(deny_unknown_fields)]
 struct CloneRequest {
     name: String,
+}
+
+/// Where to list backups (`GET /api/v1/backups` and a VM's `backups`).
+#[derive(Debug, Deserialize)]
+struct BackupListQuery {
+    repository: Option<String>,
+    #[serde(default)]
+    insecure: bool,
+    namespace: Option<String>,
+    vm: Option<String>,
+}
+
+impl BackupListQuery {
+    fn repository(&self) -> Result<String, ApiError> {
+        match self.repository.as_deref().map(str::trim) {
+            Some(repository) if !repository.is_empty() => Ok(repository.to_string()),
+            _ => Err(ApiError::bad_request(
+                "the query needs repository=<registry/repository>, e.g. ?repository=127.0.0.1:5000/backups/web&insecure=true",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct OperationPath {
+    id: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -756,6 +798,85 @@ async fn clone_vm(
     })?;
     let clone = backend.clone_vm(vm.into(), request.name).await?;
     Ok((StatusCode::CREATED, Json(backend.get(clone).await?)).into_response())
+}
+
+async fn create_backup(
+    Acting(backend): Acting,
+    ApiPath(vm): ApiPath<VmPath>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: BackupRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!(
+            "the body is not a backup request ({error}); send JSON like {{\"repository\": \"127.0.0.1:5000/backups/web\", \"insecure\": true}}"
+        ))
+    })?;
+    if request.repository.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "the backup request has an empty repository; give registry/repository, e.g. 127.0.0.1:5000/backups/web",
+        ));
+    }
+    let operation = backend.backup_create(vm.into(), request).await?;
+    Ok(operation_accepted(&operation))
+}
+
+/// 202 with the operation and where to poll it.
+fn operation_accepted(operation: &OperationView) -> Response {
+    let mut response = (StatusCode::ACCEPTED, Json(operation)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("{API_PREFIX}/operations/{}", operation.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+async fn list_backups(
+    Acting(backend): Acting,
+    ApiQuery(query): ApiQuery<BackupListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = BackupListRequest {
+        repository: query.repository()?,
+        insecure: query.insecure,
+        namespace: query.namespace,
+        vm: query.vm,
+    };
+    let items = backend.backup_list(request).await?;
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+async fn list_vm_backups(
+    Acting(backend): Acting,
+    ApiPath(vm): ApiPath<VmPath>,
+    ApiQuery(query): ApiQuery<BackupListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = BackupListRequest {
+        repository: query.repository()?,
+        insecure: query.insecure,
+        namespace: Some(vm.namespace),
+        vm: Some(vm.name),
+    };
+    let items = backend.backup_list(request).await?;
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+async fn restore_backup(Acting(backend): Acting, body: Bytes) -> Result<Response, ApiError> {
+    let request: RestoreRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!(
+            "the body is not a restore request ({error}); send JSON like {{\"reference\": \"127.0.0.1:5000/backups/web@sha256:…\", \"insecure\": true, \"name\": \"web-copy\"}}"
+        ))
+    })?;
+    let operation = backend.backup_restore(request).await?;
+    Ok(operation_accepted(&operation))
+}
+
+async fn list_operations(Acting(backend): Acting) -> Result<Json<serde_json::Value>, ApiError> {
+    let items = backend.operation_list().await?;
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+async fn get_operation(
+    Acting(backend): Acting,
+    ApiPath(path): ApiPath<OperationPath>,
+) -> Result<Json<OperationView>, ApiError> {
+    Ok(Json(backend.operation(path.id).await?))
 }
 
 /// Who the caller is, as the server sees them: what a sign-in page checks a token with.

@@ -44,6 +44,11 @@ pub enum ErrorKind {
     Forbidden,
     /// The platform cannot answer yet (503), e.g. the cluster caches are still loading.
     Unavailable,
+    /// A server this one depends on (a registry) cannot be reached or answered badly (502).
+    BadGateway,
+    /// The backend does not implement this from the console (501); the message names the tool
+    /// that does.
+    NotImplemented,
     /// A failure on the server's side (500).
     Internal,
 }
@@ -58,6 +63,8 @@ impl ErrorKind {
             ErrorKind::BadRequest => 400,
             ErrorKind::Forbidden => 403,
             ErrorKind::Unavailable => 503,
+            ErrorKind::BadGateway => 502,
+            ErrorKind::NotImplemented => 501,
             ErrorKind::Internal => 500,
         }
     }
@@ -73,6 +80,8 @@ impl ErrorKind {
             ErrorKind::BadRequest => "BadRequest",
             ErrorKind::Forbidden => "Forbidden",
             ErrorKind::Unavailable => "Unavailable",
+            ErrorKind::BadGateway => "BadGateway",
+            ErrorKind::NotImplemented => "NotImplemented",
             ErrorKind::Internal => "Internal",
         }
     }
@@ -286,6 +295,142 @@ pub struct SnapshotRequest {
     pub memory: bool,
 }
 
+/// A request to back a VM up to a registry repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackupRequest {
+    /// `registry/repository` (no tag: the backup is tagged `<vm>-<UTC time>`).
+    pub repository: String,
+    /// Speak plain http to the registry (a local docker-registry).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// Where to list backups, and optionally of which VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupListRequest {
+    /// `registry/repository` (a tag or digest in it is ignored).
+    pub repository: String,
+    /// Speak plain http to the registry.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Only backups of VMs in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Only backups of VMs of this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+}
+
+/// One complete backup in a registry, from its manifest's `dev.paddock.backup.*` annotations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupView {
+    /// `registry/repository:tag`.
+    pub reference: String,
+    /// `registry/repository@sha256:…`: the exact backup, what a restore names.
+    pub pinned_reference: String,
+    /// The tag, `<vm>-<UTC time>`.
+    pub tag: String,
+    /// The manifest digest.
+    pub digest: String,
+    /// Bytes stored in the registry (manifest, config and disk layer).
+    pub size: u64,
+    /// The namespace of the VM backed up.
+    pub namespace: String,
+    /// The name of the VM backed up.
+    pub name: String,
+    /// When it was taken (RFC 3339, UTC).
+    pub created_at: String,
+    /// The disk's virtual size in bytes.
+    pub disk_virtual_size: u64,
+    /// The backed-up VM's display name, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+}
+
+/// A request to create a VM from a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The backup: `registry/repository:tag` or `registry/repository@sha256:…`.
+    pub reference: String,
+    /// Speak plain http to the registry.
+    #[serde(default)]
+    pub insecure: bool,
+    /// The new VM's name; the backed-up VM's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The new VM's namespace; the backed-up VM's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Replace the VM of that name, which must be stopped.
+    #[serde(default)]
+    pub replace: bool,
+    /// Start the restored VM, whatever the backed-up VM's run strategy was.
+    #[serde(default)]
+    pub start: bool,
+}
+
+/// How far a long-running operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperationPhase {
+    /// Still at work.
+    Running,
+    /// Done; `result` says what it made.
+    Succeeded,
+    /// Ended without result; `message` says why and what to do.
+    Failed,
+}
+
+/// Progress of an operation: bytes of its current stage and an overall percentage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationProgress {
+    /// What it is doing: `Exporting`, `Compressing`, `Uploading`, `Pulling`, `Creating`, `Done`.
+    pub stage: String,
+    /// Bytes of the current stage done.
+    pub bytes_done: u64,
+    /// Bytes of the current stage in all; 0 when unknown.
+    pub bytes_total: u64,
+    /// 0 to 100 over the whole operation; absent when it cannot be estimated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+}
+
+/// A long-running operation (a backup or a restore) the API started and the client polls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationView {
+    /// Its id, for `GET /api/v1/operations/{id}`.
+    pub id: String,
+    /// `Backup` or `Restore`.
+    pub kind: String,
+    /// The VM's namespace (backed up, or created by the restore).
+    pub namespace: String,
+    /// The VM's name (backed up, or created by the restore).
+    pub name: String,
+    /// Running, Succeeded or Failed.
+    pub phase: OperationPhase,
+    /// How far it is.
+    pub progress: OperationProgress,
+    /// What it is doing, or why it failed and what to do.
+    pub message: String,
+    /// When it started (RFC 3339, UTC).
+    pub started_at: String,
+    /// When it ended (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Once succeeded: the backup's `registry/repository:tag`, or the restored VM's
+    /// `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    /// Once a backup succeeded: the backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupView>,
+}
+
 /// A change, as the event stream carries it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -442,6 +587,50 @@ pub trait Backend: Send + Sync + 'static {
         })
     }
 
+    /// Starts backing `vm` up to a registry; returns the running operation. Fails at once (before
+    /// any work) for an unknown VM, a bad repository or a registry that cannot be reached. Not
+    /// implemented by default.
+    fn backup_create(
+        &self,
+        vm: VmRef,
+        request: BackupRequest,
+    ) -> BoxFuture<'_, BackendResult<OperationView>> {
+        let _ = (vm, request);
+        Box::pin(async move { Err(backups_not_implemented(self.kind(), "back up")) })
+    }
+
+    /// The complete backups in a repository, oldest first. Not implemented by default.
+    fn backup_list(&self, request: BackupListRequest) -> BoxFuture<'_, BackendResult<Vec<BackupView>>> {
+        let _ = request;
+        Box::pin(async move { Err(backups_not_implemented(self.kind(), "list")) })
+    }
+
+    /// Starts creating a VM from a backup; returns the running operation. Fails at once when the
+    /// backup cannot be read or the target VM exists (without `replace`) or is not stopped (with
+    /// it). Not implemented by default.
+    fn backup_restore(&self, request: RestoreRequest) -> BoxFuture<'_, BackendResult<OperationView>> {
+        let _ = request;
+        Box::pin(async move { Err(backups_not_implemented(self.kind(), "restore")) })
+    }
+
+    /// One operation this backend started (kept for a while after it ended).
+    fn operation(&self, id: String) -> BoxFuture<'_, BackendResult<OperationView>> {
+        Box::pin(async move {
+            Err(BackendError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no operation {id}: this backend ({}) runs no operations",
+                    self.kind()
+                ),
+            ))
+        })
+    }
+
+    /// The operations this backend started, running ones and recently ended ones, oldest first.
+    fn operation_list(&self) -> BoxFuture<'_, BackendResult<Vec<OperationView>>> {
+        Box::pin(async move { Ok(Vec::new()) })
+    }
+
     /// Clones a VM into a new VM named `target` (KubeVirt's VirtualMachineClone); unsupported by
     /// default. Returns the clone's namespace and name once it exists.
     fn clone_vm(&self, vm: VmRef, target: String) -> BoxFuture<'_, BackendResult<VmRef>> {
@@ -456,4 +645,14 @@ pub trait Backend: Send + Sync + 'static {
             ))
         })
     }
+}
+
+/// The error of the backup methods of a backend that does not implement them.
+fn backups_not_implemented(kind: &str, verb: &str) -> BackendError {
+    BackendError::new(
+        ErrorKind::NotImplemented,
+        format!(
+            "cannot {verb} backups from the console with the {kind} backend: not supported from the console in cluster mode yet; use `paddock backup create|list|restore --kubeconfig …` on a machine with access to the cluster"
+        ),
+    )
 }

@@ -12,6 +12,8 @@
 //! - [`api::Api`] builds the axum router: KubeVirt-flavoured routes under `/api/v1`, bearer-token
 //!   authentication ([`auth`]), JSON errors, websockets with the `plain.kubevirt.io` protocol,
 //!   server-sent events, `/healthz`, `/readyz`, `/metrics` and `/openapi.json` ([`openapi`]).
+//! - [`backups`]: backups to a registry and restores from one, as long-running operations the
+//!   client polls (local backend; the Kubernetes backend answers 501 and names the CLI).
 //! - [`ui`] serves the embedded web console under `/ui/` (public static files; the API calls it
 //!   makes need the token like any other client's).
 //! - [`serve::serve`] runs it on a loopback address with a fresh token, published in
@@ -20,6 +22,7 @@
 pub mod api;
 pub mod auth;
 pub mod backend;
+pub mod backups;
 pub mod kubernetes;
 pub mod local;
 pub mod metrics;
@@ -31,9 +34,10 @@ pub mod ui;
 pub use api::{Api, ErrorBody, KUBEVIRT_SUBPROTOCOL, ServedRoute, served_routes};
 pub use auth::{AccessToken, Authentication, Caller};
 pub use backend::{
-    Backend, BackendError, BackendResult, ConsoleChannel, ConsoleKind, ConsoleView, ErrorKind, EventView,
-    HealthCheck, LastExitView, Permission, PowerAction, SnapshotRequest, SnapshotView, UserInfo, VmRef,
-    VmStatusView, VmView,
+    Backend, BackendError, BackendResult, BackupListRequest, BackupRequest, BackupView, ConsoleChannel,
+    ConsoleKind, ConsoleView, ErrorKind, EventView, HealthCheck, LastExitView, OperationPhase,
+    OperationProgress, OperationView, Permission, PowerAction, RestoreRequest, SnapshotRequest, SnapshotView,
+    UserInfo, VmRef, VmStatusView, VmView,
 };
 pub use kubernetes::KubernetesBackend;
 pub use local::LocalBackend;

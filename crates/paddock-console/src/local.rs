@@ -33,9 +33,11 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::AbortHandle;
 
 use crate::backend::{
-    Backend, BackendError, BackendResult, ConsoleChannel, ConsoleKind, ConsoleView, ErrorKind, EventView,
-    HealthCheck, LastExitView, PowerAction, SnapshotRequest, SnapshotView, VmRef, VmStatusView, VmView,
+    Backend, BackendError, BackendResult, BackupListRequest, BackupRequest, BackupView, ConsoleChannel,
+    ConsoleKind, ConsoleView, ErrorKind, EventView, HealthCheck, LastExitView, OperationView, PowerAction,
+    RestoreRequest, SnapshotRequest, SnapshotView, VmRef, VmStatusView, VmView,
 };
+use crate::backups::Operations;
 use crate::time::format_rfc3339;
 
 /// How many chunks of serial output a slow session may fall behind before it loses the oldest.
@@ -54,6 +56,8 @@ pub struct LocalBackend {
     /// Serial hubs by VM; weak, so a hub goes away with its last session. The async mutex also
     /// serialises hub creation, so two sessions never race for QEMU's single serial client slot.
     serial_hubs: tokio::sync::Mutex<HashMap<VmId, Weak<SerialHub>>>,
+    /// Backups and restores started through the API (see [`crate::backups`]).
+    operations: Arc<Operations>,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -71,6 +75,7 @@ impl LocalBackend {
         LocalBackend {
             runtime,
             serial_hubs: tokio::sync::Mutex::new(HashMap::new()),
+            operations: Arc::new(Operations::new()),
         }
     }
 
@@ -306,6 +311,39 @@ impl Backend for LocalBackend {
 
     fn open_console(&self, vm: VmRef, kind: ConsoleKind) -> BoxFuture<'_, BackendResult<ConsoleChannel>> {
         Box::pin(async move { self.open(&vm_id(&vm)?, kind).await })
+    }
+
+    fn backup_create(
+        &self,
+        vm: VmRef,
+        request: BackupRequest,
+    ) -> BoxFuture<'_, BackendResult<OperationView>> {
+        Box::pin(crate::backups::start_backup(
+            Arc::clone(&self.runtime),
+            Arc::clone(&self.operations),
+            vm,
+            request,
+        ))
+    }
+
+    fn backup_list(&self, request: BackupListRequest) -> BoxFuture<'_, BackendResult<Vec<BackupView>>> {
+        Box::pin(crate::backups::list(request))
+    }
+
+    fn backup_restore(&self, request: RestoreRequest) -> BoxFuture<'_, BackendResult<OperationView>> {
+        Box::pin(crate::backups::start_restore(
+            Arc::clone(&self.runtime),
+            Arc::clone(&self.operations),
+            request,
+        ))
+    }
+
+    fn operation(&self, id: String) -> BoxFuture<'_, BackendResult<OperationView>> {
+        Box::pin(async move { self.operations.get(&id) })
+    }
+
+    fn operation_list(&self) -> BoxFuture<'_, BackendResult<Vec<OperationView>>> {
+        Box::pin(async move { Ok(self.operations.list()) })
     }
 
     fn events(&self) -> BoxStream<'static, EventView> {

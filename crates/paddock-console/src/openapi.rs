@@ -22,6 +22,7 @@ pub fn document() -> Value {
             {"name": "vms", "description": "Virtual machines and their power"},
             {"name": "snapshots", "description": "Snapshots of a VM's disk, optionally with memory"},
             {"name": "consoles", "description": "Screenshots, serial and VNC consoles"},
+            {"name": "backups", "description": "Backups of a VM to a registry (containerDisk images) and restores from one, as long-running operations (local backend; cluster mode answers 501)"},
             {"name": "server", "description": "Health, metrics and this document"},
         ],
         "components": {
@@ -322,6 +323,7 @@ fn paths() -> Value {
             "responses": {"201": json_response("The new VM", schema_ref("Vm")), "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "403": response_ref("Forbidden"), "404": response_ref("NotFound"), "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal")},
         }),
     );
+    add_backup_paths(&mut add);
     add(
         "/api/v1/session",
         "get",
@@ -360,6 +362,168 @@ fn paths() -> Value {
     Value::Object(paths)
 }
 
+fn add_backup_paths(add: &mut impl FnMut(&str, &str, Value)) {
+    let vm_params = || vec![parameter_ref("namespace"), parameter_ref("name")];
+    let repository_params = || {
+        vec![
+            json!({"name": "repository", "in": "query", "required": true, "schema": {"type": "string"}, "example": "127.0.0.1:5000/backups/web", "description": "registry/repository (a tag or digest in it is ignored)."}),
+            json!({"name": "insecure", "in": "query", "required": false, "schema": {"type": "boolean", "default": false}, "description": "Speak plain http to the registry."}),
+        ]
+    };
+    let started = |description: &str| {
+        json!({
+            "description": description,
+            "headers": {"Location": {"schema": {"type": "string"}, "description": "/api/v1/operations/{id}"}},
+            "content": {"application/json": {"schema": schema_ref("Operation")}},
+        })
+    };
+    add(
+        "/api/v1/vms/{namespace}/{name}/backups",
+        "post",
+        json!({
+            "tags": ["backups"], "operationId": "createBackup", "summary": "Start backing the VM up to a registry repository",
+            "description": "A running VM keeps running: its disk is snapshotted (crash-consistent), copied, compressed and pushed as a containerDisk image tagged `<vm>-<UTC time>` with `dev.paddock.backup.*` annotations, exactly as `paddock backup create`. The answer is a Running operation to poll; the tag exists only once the backup is complete. Refused at once for an unknown VM (404), a bad repository (400), a non-persistent disk (422), a backup or restore running on the VM (409), a registry that cannot be reached or refuses access (502); cluster mode answers 501.",
+            "parameters": vm_params(),
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("BackupRequest")}}},
+            "responses": {
+                "202": started("Started"),
+                "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "404": response_ref("NotFound"),
+                "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal"),
+                "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
+            },
+        }),
+    );
+    let mut vm_list_params = vm_params();
+    vm_list_params.extend(repository_params());
+    add(
+        "/api/v1/vms/{namespace}/{name}/backups",
+        "get",
+        json!({
+            "tags": ["backups"], "operationId": "listVmBackups", "summary": "The VM's complete backups in a repository, oldest first",
+            "parameters": vm_list_params,
+            "responses": {
+                "200": json_response("The backups", list_of("Backup")),
+                "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "500": response_ref("Internal"),
+                "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
+            },
+        }),
+    );
+    let mut list_params = repository_params();
+    list_params.push(json!({"name": "namespace", "in": "query", "required": false, "schema": {"type": "string"}, "description": "Only backups of VMs of this namespace."}));
+    list_params.push(json!({"name": "vm", "in": "query", "required": false, "schema": {"type": "string"}, "description": "Only backups of VMs of this name."}));
+    add(
+        "/api/v1/backups",
+        "get",
+        json!({
+            "tags": ["backups"], "operationId": "listBackups", "summary": "The complete backups in a repository, oldest first",
+            "description": "Tags that are not backups, and backups whose blobs the registry lacks, are left out (as `paddock backup list`).",
+            "parameters": list_params,
+            "responses": {
+                "200": json_response("The backups", list_of("Backup")),
+                "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "500": response_ref("Internal"),
+                "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
+            },
+        }),
+    );
+    add(
+        "/api/v1/backups/restore",
+        "post",
+        json!({
+            "tags": ["backups"], "operationId": "restoreBackup", "summary": "Start creating a VM from a backup",
+            "description": "Under a new name, or (`replace`) in place of the VM of that name, which must be stopped (409 otherwise; it is deleted, with its snapshots, only once the backup is pulled and verified). The VM's disk is the backup pinned by digest. Refused at once when the backup cannot be read (400, 404, 422, 502) or the target exists without `replace` (409).",
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("RestoreRequest")}}},
+            "responses": {
+                "202": started("Started"),
+                "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "404": response_ref("NotFound"),
+                "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal"),
+                "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
+            },
+        }),
+    );
+    add(
+        "/api/v1/operations",
+        "get",
+        json!({
+            "tags": ["backups"], "operationId": "listOperations", "summary": "Running and recently ended backups and restores, oldest first",
+            "description": "Kept in memory: the server forgets them when it restarts.",
+            "responses": {"200": json_response("The operations", list_of("Operation")), "401": response_ref("Unauthorized")},
+        }),
+    );
+    add(
+        "/api/v1/operations/{id}",
+        "get",
+        json!({
+            "tags": ["backups"], "operationId": "getOperation", "summary": "One backup or restore: phase, progress, result or why it failed",
+            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The operation's id, e.g. op-3f9a1c2b7d4e."}],
+            "responses": {"200": json_response("The operation", schema_ref("Operation")), "401": response_ref("Unauthorized"), "404": response_ref("NotFound")},
+        }),
+    );
+}
+
+fn backup_schemas() -> Value {
+    let timestamp = json!({"type": "string", "format": "date-time", "description": "RFC 3339, UTC"});
+    json!({
+        "BackupRequest": {
+            "type": "object", "required": ["repository"], "additionalProperties": false,
+            "properties": {
+                "repository": {"type": "string", "example": "127.0.0.1:5000/backups/web", "description": "registry/repository; the backup is tagged <vm>-<UTC time>"},
+                "insecure": {"type": "boolean", "default": false, "description": "Plain http (a local registry)"},
+            },
+        },
+        "RestoreRequest": {
+            "type": "object", "required": ["reference"], "additionalProperties": false,
+            "properties": {
+                "reference": {"type": "string", "example": "127.0.0.1:5000/backups/web@sha256:…", "description": "registry/repository:tag or registry/repository@sha256:…"},
+                "insecure": {"type": "boolean", "default": false},
+                "name": {"type": "string", "description": "The new VM's name (default: the backed-up VM's)"},
+                "namespace": {"type": "string", "description": "The new VM's namespace (default: the backed-up VM's)"},
+                "replace": {"type": "boolean", "default": false, "description": "Replace the stopped VM of that name"},
+                "start": {"type": "boolean", "default": false, "description": "Start the restored VM whatever the backed-up run strategy"},
+            },
+        },
+        "Backup": {
+            "type": "object", "required": ["reference", "pinnedReference", "tag", "digest", "size", "namespace", "name", "createdAt", "diskVirtualSize"],
+            "description": "One complete backup, from its manifest's dev.paddock.backup.* annotations",
+            "properties": {
+                "reference": {"type": "string", "description": "registry/repository:tag"},
+                "pinnedReference": {"type": "string", "description": "registry/repository@sha256:…, what a restore names"},
+                "tag": {"type": "string"},
+                "digest": {"type": "string"},
+                "size": {"type": "integer", "description": "Bytes stored in the registry"},
+                "namespace": {"type": "string", "description": "The backed-up VM's namespace"},
+                "name": {"type": "string", "description": "The backed-up VM's name"},
+                "createdAt": timestamp.clone(),
+                "diskVirtualSize": {"type": "integer"},
+                "displayName": {"type": "string"},
+            },
+        },
+        "Operation": {
+            "type": "object", "required": ["id", "kind", "namespace", "name", "phase", "progress", "message", "startedAt"],
+            "properties": {
+                "id": {"type": "string"},
+                "kind": {"type": "string", "enum": ["Backup", "Restore"]},
+                "namespace": {"type": "string", "description": "The VM backed up, or created by the restore"},
+                "name": {"type": "string"},
+                "phase": {"type": "string", "enum": ["Running", "Succeeded", "Failed"]},
+                "progress": {
+                    "type": "object", "required": ["stage", "bytesDone", "bytesTotal"],
+                    "properties": {
+                        "stage": {"type": "string", "enum": ["Starting", "Exporting", "Compressing", "Uploading", "Pulling", "Done"]},
+                        "bytesDone": {"type": "integer"},
+                        "bytesTotal": {"type": "integer", "description": "0 when unknown"},
+                        "percent": {"type": "integer", "minimum": 0, "maximum": 100, "description": "Absent when it cannot be estimated"},
+                    },
+                },
+                "message": {"type": "string", "description": "What it does, or why it failed and what to do"},
+                "startedAt": timestamp.clone(),
+                "finishedAt": timestamp,
+                "result": {"type": "string", "description": "Succeeded: the backup's registry/repository:tag, or the restored VM's namespace/name"},
+                "backup": schema_ref("Backup"),
+            },
+        },
+    })
+}
+
 fn parameters() -> Value {
     json!({
         "namespace": {"name": "namespace", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The VM's namespace (`default` unless its manifest names one)."},
@@ -379,10 +543,20 @@ fn responses() -> Value {
         "UnsupportedMediaType": error("The body's Content-Type is neither YAML nor JSON; reason UnsupportedMediaType"),
         "Unprocessable": error("Well-formed but invalid (reason InvalidSpec) or not supported by this backend (reason Unsupported); nothing changed"),
         "Internal": error("A failure on the server's machine (QEMU, tools, files); reason Internal"),
+        "NotImplemented": error("This backend does not do this from the console; the message names the CLI command that does; reason NotImplemented"),
+        "BadGateway": error("The registry cannot be reached, refuses the credentials or answered badly; reason BadGateway"),
     })
 }
 
 fn schemas() -> Value {
+    let mut schemas = base_schemas();
+    if let (Some(all), Value::Object(more)) = (schemas.as_object_mut(), backup_schemas()) {
+        all.extend(more);
+    }
+    schemas
+}
+
+fn base_schemas() -> Value {
     let timestamp = json!({"type": "string", "format": "date-time", "description": "RFC 3339, UTC"});
     let phase = json!({"type": "string", "description": "KubeVirt's printable status; the local backend uses Stopped, Starting, Running, Paused, Stopping, CrashLoopBackOff and Failed", "enum": ["Stopped", "Provisioning", "Starting", "Running", "Paused", "Stopping", "Terminating", "Migrating", "CrashLoopBackOff", "Failed", "Unknown", "ErrorUnschedulable", "ErrImagePull", "ImagePullBackOff", "ErrorPvcNotFound", "DataVolumeError", "WaitingForVolumeBinding", "WaitingForReceiver"]});
     json!({
@@ -390,7 +564,7 @@ fn schemas() -> Value {
             "type": "object", "required": ["code", "reason", "message"],
             "properties": {
                 "code": {"type": "integer", "description": "The HTTP status code"},
-                "reason": {"type": "string", "enum": ["NotFound", "AlreadyExists", "InvalidTransition", "InvalidSpec", "Unsupported", "BadRequest", "Unauthorized", "Forbidden", "UnsupportedMediaType", "MethodNotAllowed", "Unavailable", "Internal"]},
+                "reason": {"type": "string", "enum": ["NotFound", "AlreadyExists", "InvalidTransition", "InvalidSpec", "Unsupported", "BadRequest", "Unauthorized", "Forbidden", "UnsupportedMediaType", "MethodNotAllowed", "Unavailable", "BadGateway", "NotImplemented", "Internal"]},
                 "message": {"type": "string", "description": "What failed, why, and what to do"},
             },
         },

@@ -560,6 +560,18 @@ pub async fn list_backups(repository: &str, options: &RegistryOptions) -> Result
     Ok(entries)
 }
 
+/// Checks that `repository` can take a backup now: the registry answers (over https, or http
+/// with `insecure`) and grants push access. One tag-list request, so a caller can refuse a backup
+/// before spending minutes on the disk copy. A repository nothing was pushed to yet is fine.
+pub async fn check_repository(repository: &str, options: &RegistryOptions) -> Result<()> {
+    let parsed = repository_reference(repository)?;
+    let client = RegistryClient::new(&parsed, options, Access::Push)?;
+    match list_tags(&client).await {
+        Ok(_) | Err(RegistryError::NotFound { .. }) => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// Every tag of the repository, following `Link` pagination.
 async fn list_tags(client: &RegistryClient) -> Result<Vec<String>, RegistryError> {
     #[derive(serde::Deserialize)]

@@ -7,7 +7,7 @@
 //! - `create` and `restore` drive the local runtime directly on the state directory
 //!   (`--state-dir`, `PADDOCK_STATE_DIR` or the default), holding its lock for the duration; VMs
 //!   keep running before, during and after. While `paddock serve` owns the state directory they
-//!   stop with an error that says so (its API has no backup endpoints yet).
+//!   stop with an error that says so and names the console's backup endpoints instead.
 //! - `list` only talks to the registry and shows complete backups only.
 //! - Progress bars on standard error (not with `--json` or `--quiet`); `--json` prints the
 //!   result on standard output.
@@ -225,7 +225,7 @@ async fn open_runtime(state_dir: Option<&PathBuf>, qemu: Option<&PathBuf>) -> an
     match Runtime::open(options).await {
         Ok(runtime) => Ok(runtime),
         Err(RuntimeError::StateLocked { .. }) => bail!(
-            "the state directory {} is in use by a running `paddock serve`, which owns its VMs; its API has no backup endpoints yet: stop `paddock serve` (VMs keep running) and run this again",
+            "the state directory {} is in use by a running `paddock serve`, which owns its VMs; back up and restore through it (the web console's Backups section, or POST /api/v1/vms/{{namespace}}/{{name}}/backups), or stop `paddock serve` (VMs keep running) and run this again",
             state_dir.display()
         ),
         Err(error) => {
