@@ -803,3 +803,309 @@ async fn identity_headers_are_believed_only_when_enabled() {
         json!({"username": "paddock-admin", "groups": ["system:masters"]})
     );
 }
+
+/// `POST /api/v1/namespaces/{ns}/uploads` with `disk` as a streamed body; the status and answer.
+async fn upload_through_console(
+    base: &str,
+    token: &str,
+    namespace: &str,
+    query: &str,
+    disk: &std::path::Path,
+) -> (u16, Value) {
+    let file = tokio::fs::File::open(disk).await.unwrap();
+    let length = file.metadata().await.unwrap().len();
+    let response = reqwest::Client::new()
+        .post(format!("{base}/api/v1/namespaces/{namespace}/uploads?{query}"))
+        .bearer_auth(token)
+        .header("Content-Type", "application/octet-stream")
+        .header("Content-Length", length)
+        .body(reqwest::Body::wrap_stream(paddock_cluster::upload::file_stream(
+            file,
+        )))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Polls the console's upload status until the DataVolume is Succeeded; its last view.
+async fn wait_upload_succeeded(user: &User, namespace: &str, name: &str, console: &Process) -> Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (status, view) = user
+            .get(&format!("/api/v1/namespaces/{namespace}/uploads/{name}"))
+            .await;
+        assert_eq!(status, 200, "{view:#}");
+        if view["phase"] == "Succeeded" {
+            return view;
+        }
+        assert_ne!(view["phase"], "Failed", "{view:#}");
+        assert!(
+            Instant::now() < deadline,
+            "DataVolume {name} never Succeeded: {view:#}\n{}",
+            console.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A console started with the simulator's CA for its upload proxy, an admin and a user without RBAC.
+async fn upload_world(cluster: &Cluster, namespace: &str) -> (Process, String, String, String) {
+    let ca = cluster.simulator_ca().to_str().unwrap().to_string();
+    let (console, base) = start_console(cluster, &["--upload-proxy-ca-file", &ca]);
+    wait_ready(&base, &console).await;
+    let admin_token = service_account_token(cluster, namespace, "upload-admin");
+    kubectl_apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "upload-admin", "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": "upload-admin", "namespace": namespace}],
+        }),
+    );
+    // `admin` does not cover CDI's kinds unless CDI's aggregated roles are installed: grant them.
+    kubectl_apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "uploader", "namespace": namespace},
+            "rules": [
+                {"apiGroups": ["cdi.kubevirt.io"], "resources": ["datavolumes"], "verbs": ["create", "get", "list", "delete"]},
+                {"apiGroups": ["upload.cdi.kubevirt.io"], "resources": ["uploadtokenrequests"], "verbs": ["create"]},
+            ],
+        }),
+    );
+    kubectl_apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "uploader", "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "uploader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "upload-admin", "namespace": namespace}],
+        }),
+    );
+    let user_token = service_account_token(cluster, namespace, "no-rbac");
+    (console, base, admin_token, user_token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_upload_through_the_console_as_the_user() {
+    let Some(cluster) = Cluster::shared().unwrap() else {
+        return;
+    };
+    let disk = paddock_tests::testdisk::test_disk().unwrap_or_else(|error| panic!("{error}"));
+    let namespace: TestNamespace = cluster.namespace("console-upload").await.unwrap();
+    let ns = namespace.name().to_string();
+    let (console, base, admin_token, user_token) = upload_world(cluster, &ns).await;
+    let admin = User::new(&base, &admin_token);
+    let data_volumes: Api<DynamicObject> = Api::namespaced_with(
+        cluster.admin_client().await.unwrap(),
+        &ns,
+        &paddock_tests::world::data_volumes(),
+    );
+
+    // A user without RBAC: 403 naming the permission, nothing created.
+    let (status, refused) = upload_through_console(&base, &user_token, &ns, "name=refused", &disk).await;
+    assert_eq!(status, 403, "{refused:#}");
+    assert_eq!(refused["permission"]["verb"], "create", "{refused:#}");
+    assert_eq!(refused["permission"]["resource"], "datavolumes", "{refused:#}");
+    assert_eq!(refused["permission"]["group"], "cdi.kubevirt.io", "{refused:#}");
+    assert!(data_volumes.get_opt("refused").await.unwrap().is_none());
+    let (status, dry) = User::new(&base, &user_token)
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/v1/namespaces/{ns}/uploads?name=refused&dryRun=true"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, &dry["permission"]["resource"]),
+        (403, &json!("datavolumes")),
+        "{dry:#}"
+    );
+
+    // A size that cannot hold the qcow2's virtual size: 422 before anything is created.
+    let (status, small) =
+        upload_through_console(&base, &admin_token, &ns, "name=too-small&size=1Mi", &disk).await;
+    assert_eq!(status, 422, "{small:#}");
+    assert!(
+        small["message"]
+            .as_str()
+            .unwrap()
+            .contains("smaller than the disk's virtual size"),
+        "{small:#}"
+    );
+    assert!(data_volumes.get_opt("too-small").await.unwrap().is_none());
+
+    // The test disk: the answer comes once the proxy has every byte; then CDI imports it.
+    let length = std::fs::metadata(&disk).unwrap().len();
+    let started = Instant::now();
+    let (status, uploaded) = upload_through_console(&base, &admin_token, &ns, "name=uploaded", &disk).await;
+    assert_eq!(status, 201, "{uploaded:#}\n{}", console.log());
+    assert_eq!(uploaded["bytesSent"], length, "{uploaded:#}");
+    assert_eq!(uploaded["format"], "qcow2");
+    let done = wait_upload_succeeded(&admin, &ns, "uploaded", &console).await;
+    eprintln!(
+        "console upload of {length} bytes: {:?} to Succeeded ({done})",
+        started.elapsed()
+    );
+    let stored = data_volumes.get("uploaded").await.unwrap();
+    assert_eq!(stored.data["status"]["phase"], "Succeeded");
+    // The same name again: 409 (asked first or not), and the existing DataVolume is untouched.
+    let (status, taken) = admin
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/v1/namespaces/{ns}/uploads?name=uploaded&dryRun=true"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{taken:#}");
+    let (status, free) = admin
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/v1/namespaces/{ns}/uploads?name=free&dryRun=true"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{free:#}");
+    assert!(data_volumes.get_opt("free").await.unwrap().is_none());
+    let (status, again) = upload_through_console(&base, &admin_token, &ns, "name=uploaded", &disk).await;
+    assert_eq!(status, 409, "{again:#}");
+    assert_eq!(
+        data_volumes.get("uploaded").await.unwrap().data["status"]["phase"],
+        "Succeeded"
+    );
+
+    // A client that disconnects midway: an error, and no DataVolume left claiming the disk.
+    let bytes = std::fs::read(&disk).unwrap();
+    let address = base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /api/v1/namespaces/{ns}/uploads?name=truncated HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {admin_token}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        bytes.len()
+    );
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+    // Let the console create the DataVolume and start streaming before the client goes away.
+    let deadline = Instant::now() + TIMEOUT;
+    while data_volumes.get_opt("truncated").await.unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no DataVolume truncated\n{}",
+            console.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(stream);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match data_volumes.get_opt("truncated").await.unwrap() {
+            None => break,
+            Some(object) => assert_ne!(
+                object.data["status"]["phase"], "Succeeded",
+                "a truncated upload must not succeed"
+            ),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the truncated upload's DataVolume was not deleted\n{}",
+            console.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The console logs why, right after deleting the DataVolume.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !console.log().contains("upload failed") {
+        assert!(
+            Instant::now() < deadline,
+            "the console logs the failed upload:\n{}",
+            console.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "truncated upload: {}",
+        console
+            .log()
+            .lines()
+            .filter(|line| line.contains("upload failed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Throughput through the console vs `paddock upload` straight to the proxy, same disk, same run:
+/// `cargo test -p paddock-tests --test console_kubernetes -- --ignored --nocapture upload_throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; run it by name"]
+async fn upload_throughput_console_vs_cli() {
+    let Some(cluster) = Cluster::shared().unwrap() else {
+        return;
+    };
+    let namespace: TestNamespace = cluster.namespace("upload-bench").await.unwrap();
+    let ns = namespace.name().to_string();
+    let (console, base, admin_token, _) = upload_world(cluster, &ns).await;
+    let admin = User::new(&base, &admin_token);
+    let directory = tempfile::tempdir().unwrap();
+    let disk = directory.path().join("bench.raw");
+    let megabytes: usize = std::env::var("PADDOCK_UPLOAD_BENCH_MIB")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(512);
+    // Incompressible bytes, so no layer can shortcut them.
+    let mut content = vec![0u8; megabytes << 20];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in content.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(&disk, &content).unwrap();
+    drop(content);
+    let length = std::fs::metadata(&disk).unwrap().len() as f64;
+    let rate = |seconds: f64| length / seconds / f64::from(1 << 20);
+
+    let started = Instant::now();
+    let (status, uploaded) =
+        upload_through_console(&base, &admin_token, &ns, "name=via-console", &disk).await;
+    let accepted = started.elapsed().as_secs_f64();
+    assert_eq!(status, 201, "{uploaded:#}");
+    wait_upload_succeeded(&admin, &ns, "via-console", &console).await;
+    let console_total = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let output = Command::new(paddock_binary().unwrap())
+        .args([
+            "upload",
+            disk.to_str().unwrap(),
+            "--name",
+            "via-cli",
+            "-n",
+            &ns,
+            "--quiet",
+        ])
+        .arg("--kubeconfig")
+        .arg(cluster.admin_kubeconfig())
+        .arg("--ca-file")
+        .arg(cluster.simulator_ca())
+        .output()
+        .unwrap();
+    let cli_total = started.elapsed().as_secs_f64();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!(
+        "UPLOAD THROUGHPUT {megabytes} MiB raw: console {:.1} MiB/s to accepted ({accepted:.2} s), {:.1} MiB/s to Succeeded ({console_total:.2} s); paddock upload {:.1} MiB/s to Succeeded ({cli_total:.2} s)",
+        rate(accepted),
+        rate(console_total),
+        rate(cli_total)
+    );
+}

@@ -10,7 +10,15 @@ import { toYaml } from "./yaml";
 const NAME_PATTERN = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
 const QUANTITY_PATTERN = /^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$/;
 
-type ImageKind = "registry" | "file" | "oci";
+type ImageKind = "registry" | "file" | "oci" | "pvc";
+
+/** A disk the next visit of the wizard starts from (set by the upload page). */
+let pendingDisk: { namespace: string; name: string } | null = null;
+
+/** Makes the next wizard start from an uploaded DataVolume (its PVC has the same name). */
+export function createFromDisk(namespace: string, name: string): void {
+  pendingDisk = { namespace, name };
+}
 
 interface Draft {
   name: string;
@@ -34,7 +42,7 @@ export function manifestOf(draft: Draft): Record<string, unknown> {
   const image = draft.image.trim();
   const spec: Record<string, unknown> = {};
   if (draft.displayName.trim()) spec.displayName = draft.displayName.trim();
-  spec.image = { containerDisk: image && !image.startsWith(prefix) ? prefix + image : image };
+  spec.image = draft.imageKind === "pvc" ? { pvc: { name: image } } : { containerDisk: image && !image.startsWith(prefix) ? prefix + image : image };
   // The CRD's default is persistent; say so only when it is not (Kubernetes mode asks).
   if (!draft.persistent) (spec.image as Record<string, unknown>).persistent = false;
   spec.resources = { cpu: Number(draft.cpu) || 1, memory: draft.memory.trim() };
@@ -60,7 +68,9 @@ function problems(draft: Draft, step: number): Record<string, string> {
     if (backend() === "kubernetes" && !draft.namespace.trim()) found["vm-namespace"] = "Give the namespace to create the VM in.";
     if (!draft.image.trim()) {
       found["vm-image"] =
-        draft.imageKind === "registry"
+        draft.imageKind === "pvc"
+          ? "Give the name of the PVC (an uploaded DataVolume's name) in the VM's namespace."
+          : draft.imageKind === "registry"
           ? "Give an image reference, e.g. quay.io/containerdisks/debian:12."
           : draft.imageKind === "file"
             ? "Give the path of a disk file on the machine running paddock serve."
@@ -102,6 +112,12 @@ export const createPage: Page = (root) => {
     startNow: true,
     persistent: true,
   };
+  if (kubernetes && pendingDisk) {
+    // From the upload page: the VM boots the uploaded disk itself (persistent: false uses the PVC
+    // as it is instead of importing a copy).
+    Object.assign(draft, { namespace: pendingDisk.namespace, name: `${pendingDisk.name}-vm`.slice(0, 63), imageKind: "pvc", image: pendingDisk.name, persistent: false });
+  }
+  pendingDisk = null;
   let step = 0;
   const preview = h("pre", { class: "yaml", id: "yaml-preview", tabindex: 0, "aria-label": "The VirtualMachineApp that will be created" });
   const errorArea = h("div", {});
@@ -157,6 +173,7 @@ export const createPage: Page = (root) => {
         "select",
         {},
         h("option", { value: "registry" }, "Registry image (containerDisk reference)"),
+        kubernetes ? h("option", { value: "pvc" }, "Uploaded disk (a PVC in the namespace)") : null,
         kubernetes ? null : h("option", { value: "file" }, "Disk file on this machine (file:)"),
         kubernetes ? null : h("option", { value: "oci" }, "OCI layout on this machine (oci:)"),
       );
@@ -166,7 +183,8 @@ export const createPage: Page = (root) => {
             field("vm-namespace", "Namespace", h("input", { type: "text", autocomplete: "off", spellcheck: "false", list: "known-namespaces" }), "The Kubernetes namespace to create it in; you need permission to create virtualmachineapps there.", "namespace"),
             h("datalist", { id: "known-namespaces" }, seenNamespaces.map((namespace) => h("option", { value: namespace }))),
             field("vm-display-name", "Display name (optional)", h("input", { type: "text" }), "What people see, e.g. 'Debian 12'.", "displayName"),
-            field("vm-image", "Image", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false", placeholder: "quay.io/containerdisks/debian:12" }), "A containerDisk reference such as registry.example.com/vms/debian:12; the cluster pulls it.", "image"),
+            field("vm-image-kind", "Image source", kind, "A registry image the cluster pulls, or a disk uploaded with \"Upload disk\" (its PVC).", "imageKind"),
+            field("vm-image", "Image", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false", placeholder: "quay.io/containerdisks/debian:12" }), "A containerDisk reference such as registry.example.com/vms/debian:12, or for an uploaded disk the PVC's (DataVolume's) name.", "image"),
             field("vm-persistent", "Persistent disk", h("input", { type: "checkbox" }), "Checked: the image is imported into a volume the VM owns (CDI; set a disk size on the next step) and changes survive restarts. Unchecked: the VM runs on a throw-away copy of the image.", "persistent"),
           ]
         : [
@@ -179,7 +197,7 @@ export const createPage: Page = (root) => {
       kind.addEventListener("change", () => {
         draft.imageKind = kind.value as ImageKind;
         const image = stepArea.querySelector<HTMLInputElement>("#vm-image");
-        if (image) image.placeholder = draft.imageKind === "registry" ? "quay.io/containerdisks/debian:12" : draft.imageKind === "file" ? "/srv/disks/debian.qcow2" : "/srv/images/debian-oci:12";
+        if (image) image.placeholder = draft.imageKind === "registry" ? "quay.io/containerdisks/debian:12" : draft.imageKind === "pvc" ? "debian-disk" : draft.imageKind === "file" ? "/srv/disks/debian.qcow2" : "/srv/images/debian-oci:12";
         updatePreview();
       });
     } else if (step === 1) {

@@ -17,6 +17,7 @@ import { createPage } from "./create";
 import { detailPage } from "./detail";
 import { h, replaceChildren } from "./dom";
 import { listPage } from "./list";
+import { uploadPage } from "./upload";
 import { store } from "./store";
 import { mirrorInjectedStyles } from "./styles";
 import { Page, errorBox } from "./ui";
@@ -27,6 +28,7 @@ const routes: [RegExp, Page, string][] = [
   [/^\/?$/, listPage, "Virtual machines"],
   [/^\/create$/, createPage, "Create a VM"],
   [/^\/backups$/, backupsPage, "Backups"],
+  [/^\/upload$/, uploadPage, "Upload disk"],
   [/^\/vm\/([^/]+)\/([^/]+)$/, detailPage, "VM"],
   [/^\/vm\/([^/]+)\/([^/]+)\/console$/, vncPage, "Console"],
   [/^\/vm\/([^/]+)\/([^/]+)\/serial$/, serialPage, "Serial console"],
@@ -46,7 +48,7 @@ function layout(): void {
     route();
   });
   const user = sessionStorage.getItem(USER_KEY);
-  replaceChildren(nav, h("a", { href: "#/" }, "Virtual machines"), h("a", { href: "#/create" }, "Create"), backend() === "local" ? h("a", { href: "#/backups" }, "Backups") : null, h("span", { class: "spacer" }), user ? h("span", { class: "muted", id: "signed-in-user" }, user) : null, h("a", { href: "/openapi.json", target: "_blank", rel: "noopener", id: "api-link" }, "API"), signOutButton);
+  replaceChildren(nav, h("a", { href: "#/" }, "Virtual machines"), h("a", { href: "#/create" }, "Create"), backend() === "local" ? h("a", { href: "#/backups" }, "Backups") : null, backend() === "kubernetes" ? h("a", { href: "#/upload", id: "nav-upload" }, "Upload disk") : null, h("span", { class: "spacer" }), user ? h("span", { class: "muted", id: "signed-in-user" }, user) : null, h("a", { href: "/openapi.json", target: "_blank", rel: "noopener", id: "api-link" }, "API"), signOutButton);
   replaceChildren(
     document.body,
     h("a", { class: "skip-link", href: "#main" }, "Skip to content"),

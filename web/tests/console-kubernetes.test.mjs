@@ -8,7 +8,9 @@
 // snapshot. alice (a ServiceAccount without RBAC) sees the 403 explanation built from the API's
 // `permission` on the detail page and the console page, which does not connect; after a
 // RoleBinding she sees the VM and its screen, and a stop she may not do explains itself. The admin
-// deletes the VM. Screenshots go to target/web-screenshots/kubernetes-*.png.
+// deletes the VM. Before that the admin uploads the test disk on the "Upload disk" page (progress bar,
+// the server's confirmation, the DataVolume's phase until Succeeded). Screenshots go to
+// target/web-screenshots/kubernetes-*.png.
 //
 // The world is started by `cargo run -p paddock-tests --bin cluster-console-world`, which prints
 // the console URL and the tokens as JSON and takes commands (`grant`) on stdin.
@@ -258,6 +260,44 @@ async function run(world) {
       await admin.locator("#signed-in-user", { hasText: `system:serviceaccount:${namespace}:console-admin` }).waitFor();
     });
 
+    await timed("upload a disk in the browser", async () => {
+      assert.ok(world.testDisk, "the world names the test disk");
+      await admin.click("#nav-upload");
+      await admin.locator("h1", { hasText: "Upload disk" }).waitFor();
+      await admin.setInputFiles("#upload-file", world.testDisk);
+      // The suggested size comes from the qcow2 header's virtual size, not the file's size.
+      await admin.locator("#upload-size-hint", { hasText: "virtual size" }).waitFor();
+      assert.match(await admin.inputValue("#upload-size"), /^\d+Mi$/, "a size is suggested");
+      await admin.fill("#upload-name", "web-upload");
+      await admin.fill("#upload-namespace", namespace);
+      await admin.click("#upload-start");
+      await admin.locator("#upload-progress").waitFor();
+      await admin.locator("#upload-confirmed").waitFor({ timeout: 120000 });
+      const progress = await admin.locator("#upload-progress").evaluate((bar) => bar.value);
+      assert.equal(progress, 100, "the bar is full once the server confirmed");
+      await admin.locator('#upload-phase[data-phase="Succeeded"]').waitFor({ timeout: 120000 });
+      await admin.locator("#upload-done").waitFor();
+      await admin.screenshot({ path: join(screenshots, "kubernetes-upload.png"), fullPage: true });
+      // "Create VM from this disk": the wizard starts from the uploaded disk's PVC.
+      await admin.click("#upload-create-vm");
+      await admin.locator("h1", { hasText: "Create a virtual machine" }).waitFor();
+      assert.equal(await admin.inputValue("#vm-image-kind"), "pvc");
+      const fromDisk = await admin.locator("#yaml-preview").innerText();
+      for (const line of ["pvc:", "name: web-upload", "persistent: false", `namespace: ${namespace}`]) {
+        assert.ok(fromDisk.includes(line), `the manifest from the uploaded disk shows ${line}:\n${fromDisk}`);
+      }
+      await admin.click("#nav-upload");
+      await admin.locator("h1", { hasText: "Upload disk" }).waitFor();
+      await admin.setInputFiles("#upload-file", world.testDisk);
+      await admin.fill("#upload-name", "web-upload");
+      await admin.fill("#upload-namespace", namespace);
+      // The same name again: the server's 409 is shown, not a silent stop.
+      await admin.click("#upload-start");
+      await admin.locator("#upload-error .error", { hasText: "already exists" }).waitFor({ timeout: 60000 });
+      await admin.click('header.top a:has-text("Virtual machines")');
+      await admin.locator("h1", { hasText: "Virtual machines" }).waitFor();
+    });
+
     await timed("create through the wizard", async () => {
       await admin.click("text=Create VM");
       await admin.fill("#vm-name", VM);
@@ -338,6 +378,11 @@ async function run(world) {
     await timed("a user without RBAC sees 403 explanations and no console", async () => {
       await signIn(alice, url, world.userToken);
       await alice.locator("#empty-rbac-hint").waitFor();
+      await alice.click("#nav-upload");
+      await alice.setInputFiles("#upload-file", world.testDisk);
+      await alice.fill("#upload-namespace", namespace);
+      await alice.click("#upload-start");
+      await expectPermission(alice, `You need permission to create datavolumes in namespace ${namespace}. Ask your cluster administrator for a Role that allows it.`);
       await alice.goto(detailUrl);
       await expectPermission(alice, `You need permission to get virtualmachines in namespace ${namespace}. Ask your cluster administrator for a Role that allows it.`);
       await alice.screenshot({ path: join(screenshots, "kubernetes-403.png") });

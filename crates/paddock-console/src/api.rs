@@ -365,6 +365,16 @@ fn route_table() -> Vec<RouteEntry> {
         entry(Method::POST, "/api/v1/backups/restore", post(restore_backup)),
         entry(Method::GET, "/api/v1/operations", get(list_operations)),
         entry(Method::GET, "/api/v1/operations/{id}", get(get_operation)),
+        entry(
+            Method::POST,
+            "/api/v1/namespaces/{namespace}/uploads",
+            post(upload_disk),
+        ),
+        entry(
+            Method::GET,
+            "/api/v1/namespaces/{namespace}/uploads/{name}",
+            get(upload_status),
+        ),
         entry(Method::GET, "/api/v1/events", get(events)),
         entry(Method::GET, "/api/v1/session", get(session)),
         entry(Method::POST, "/api/v1/session", post(create_session)),
@@ -414,6 +424,23 @@ struct ListQuery {
 struct DeleteQuery {
     #[serde(default)]
     force: bool,
+}
+
+/// Path parameters of namespaced collection routes.
+#[derive(Debug, Deserialize)]
+struct NamespacePath {
+    namespace: String,
+}
+
+/// Query of `POST …/uploads`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct UploadQuery {
+    name: String,
+    size: Option<String>,
+    storage_class: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -877,6 +904,57 @@ async fn get_operation(
     ApiPath(path): ApiPath<OperationPath>,
 ) -> Result<Json<OperationView>, ApiError> {
     Ok(Json(backend.operation(path.id).await?))
+}
+
+/// Streams the body (a disk) into a new DataVolume; answers once the upload proxy took it all.
+async fn upload_disk(
+    Acting(backend): Acting,
+    ApiPath(path): ApiPath<NamespacePath>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .or(query.dry_run.then_some(0))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::LENGTH_REQUIRED,
+                "LengthRequired",
+                "an upload needs its Content-Length (the disk's size in bytes): send the disk file as the body, not chunked",
+            )
+        })?;
+    let body: paddock_cluster::upload::DiskStream = Box::pin(
+        request
+            .into_body()
+            .into_data_stream()
+            .map(|chunk| chunk.map_err(std::io::Error::other)),
+    );
+    let upload = crate::backend::UploadRequest {
+        namespace: path.namespace,
+        name: query.name,
+        size: query.size.filter(|size| !size.is_empty()),
+        storage_class: query.storage_class.filter(|class| !class.is_empty()),
+        length,
+        dry_run: query.dry_run,
+    };
+    let view = backend.upload_disk(upload, body).await?;
+    let status = if query.dry_run {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(view)).into_response())
+}
+
+/// An uploaded DataVolume's phase and progress.
+async fn upload_status(
+    Acting(backend): Acting,
+    ApiPath(path): ApiPath<VmPath>,
+) -> Result<Response, ApiError> {
+    Ok(Json(backend.upload_status(path.namespace, path.name).await?).into_response())
 }
 
 /// Who the caller is, as the server sees them: what a sign-in page checks a token with.

@@ -44,13 +44,16 @@ pub enum ErrorKind {
     Forbidden,
     /// The platform cannot answer yet (503), e.g. the cluster caches are still loading.
     Unavailable,
-    /// A server this one depends on (a registry) cannot be reached or answered badly (502).
+    /// A server this one depends on (a registry, CDI's upload proxy) cannot be reached, refused or
+    /// answered badly (502).
     BadGateway,
-    /// The backend does not implement this from the console (501); the message names the tool
-    /// that does.
+    /// The backend does not implement this (501), e.g. uploads in local mode; the message says
+    /// what to use instead.
     NotImplemented,
     /// A failure on the server's side (500).
     Internal,
+    /// A service the backend relies on stopped answering (504).
+    GatewayTimeout,
 }
 
 impl ErrorKind {
@@ -66,6 +69,7 @@ impl ErrorKind {
             ErrorKind::BadGateway => 502,
             ErrorKind::NotImplemented => 501,
             ErrorKind::Internal => 500,
+            ErrorKind::GatewayTimeout => 504,
         }
     }
 
@@ -83,8 +87,55 @@ impl ErrorKind {
             ErrorKind::BadGateway => "BadGateway",
             ErrorKind::NotImplemented => "NotImplemented",
             ErrorKind::Internal => "Internal",
+            ErrorKind::GatewayTimeout => "GatewayTimeout",
         }
     }
+}
+
+/// A disk upload into a new DataVolume (see [`Backend::upload_disk`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRequest {
+    /// The namespace.
+    pub namespace: String,
+    /// The DataVolume to create.
+    pub name: String,
+    /// The DataVolume's size (a quantity such as `10Gi`); by default the disk's virtual size plus
+    /// CDI's filesystem overhead.
+    pub size: Option<String>,
+    /// The StorageClass; the cluster's default when `None`.
+    pub storage_class: Option<String>,
+    /// How many bytes the body has (its Content-Length).
+    pub length: u64,
+    /// Only check: the user's permissions and that the name is free; nothing is created and the
+    /// body is ignored (what a browser asks before sending gigabytes).
+    pub dry_run: bool,
+}
+
+/// A DataVolume receiving or holding an uploaded disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadView {
+    /// The namespace.
+    pub namespace: String,
+    /// The DataVolume's name.
+    pub name: String,
+    /// CDI's phase: `UploadScheduled`, `UploadReady`, `Succeeded`, `Failed`, …
+    pub phase: String,
+    /// CDI's `status.progress`, e.g. `"100.0%"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// The message of CDI's first condition that has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The requested size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// After an upload: the disk's format as its header says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// After an upload: the bytes the upload proxy accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
 }
 
 /// A failed backend operation: its kind and a message for people (what failed, why, what to do).
@@ -626,9 +677,44 @@ pub trait Backend: Send + Sync + 'static {
         })
     }
 
+    /// Creates the DataVolume `request` names with an upload source and streams `body` (the disk,
+    /// `request.length` bytes) through CDI's upload proxy; answers once the proxy accepted every
+    /// byte. Not implemented by default (501).
+    fn upload_disk(
+        &self,
+        request: UploadRequest,
+        body: paddock_cluster::upload::DiskStream,
+    ) -> BoxFuture<'_, BackendResult<UploadView>> {
+        let _ = (request, body);
+        Box::pin(async move {
+            Err(BackendError::new(
+                ErrorKind::NotImplemented,
+                format!(
+                    "upload is for cluster mode (this backend is {}); in local mode use a disk path or registry image in the create wizard",
+                    self.kind()
+                ),
+            ))
+        })
+    }
+
     /// The operations this backend started, running ones and recently ended ones, oldest first.
     fn operation_list(&self) -> BoxFuture<'_, BackendResult<Vec<OperationView>>> {
         Box::pin(async move { Ok(Vec::new()) })
+    }
+
+    /// The DataVolume `name` in `namespace` as an [`UploadView`] (its import phase and progress).
+    /// Not implemented by default (501).
+    fn upload_status(&self, namespace: String, name: String) -> BoxFuture<'_, BackendResult<UploadView>> {
+        let _ = (namespace, name);
+        Box::pin(async move {
+            Err(BackendError::new(
+                ErrorKind::NotImplemented,
+                format!(
+                    "upload is for cluster mode (this backend is {}); in local mode use a disk path or registry image in the create wizard",
+                    self.kind()
+                ),
+            ))
+        })
     }
 
     /// Clones a VM into a new VM named `target` (KubeVirt's VirtualMachineClone); unsupported by

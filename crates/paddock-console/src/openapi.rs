@@ -23,6 +23,7 @@ pub fn document() -> Value {
             {"name": "snapshots", "description": "Snapshots of a VM's disk, optionally with memory"},
             {"name": "consoles", "description": "Screenshots, serial and VNC consoles"},
             {"name": "backups", "description": "Backups of a VM to a registry (containerDisk images) and restores from one, as long-running operations (local backend; cluster mode answers 501)"},
+            {"name": "disks", "description": "Disk uploads into DataVolumes through CDI's upload proxy (cluster only)"},
             {"name": "server", "description": "Health, metrics and this document"},
         ],
         "components": {
@@ -324,6 +325,51 @@ fn paths() -> Value {
         }),
     );
     add_backup_paths(&mut add);
+    let upload_errors = json!({
+        "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "403": response_ref("Forbidden"),
+        "409": response_ref("Conflict"), "411": json_response("No Content-Length; reason LengthRequired", schema_ref("Error")),
+        "422": response_ref("Unprocessable"), "500": response_ref("Internal"),
+        "501": json_response("Not in this mode (local): reason NotImplemented; use a disk path or registry image in the create wizard", schema_ref("Error")),
+        "502": json_response("CDI's upload proxy refused the upload, failed, or the body broke off before its Content-Length (reason BadGateway); the message has the proxy's words, and the DataVolume was deleted so the name can be used again", schema_ref("Error")),
+        "504": json_response("CDI's upload proxy or upload server stopped answering (reason GatewayTimeout); the DataVolume was deleted", schema_ref("Error")),
+    });
+    let mut upload_responses = upload_errors.clone();
+    if let Some(object) = upload_responses.as_object_mut() {
+        object.insert(
+            "200".to_string(),
+            json_response("dryRun: the upload would be accepted", schema_ref("Upload")),
+        );
+        object.insert(
+            "201".to_string(),
+            json_response("The proxy accepted every byte; CDI imports next: follow the phase with GET …/uploads/{name} until Succeeded", schema_ref("Upload")),
+        );
+    }
+    add(
+        "/api/v1/namespaces/{namespace}/uploads",
+        "post",
+        json!({
+            "tags": ["disks"], "operationId": "uploadDisk", "summary": "Upload a disk into a new DataVolume through CDI's upload proxy (cluster only)",
+            "description": "As the signed-in user: checks `create datavolumes.cdi.kubevirt.io` and `create uploadtokenrequests.upload.cdi.kubevirt.io` (403 names the missing one), reads the disk's header (qcow2, raw, vmdk, vdi, vhd, vhdx; a backing file or encryption is refused; the size must hold a qcow2's or raw disk's virtual size), creates the DataVolume with `spec.source.upload`, waits for UploadReady, gets an UploadTokenRequest and streams the body to the proxy's `/v1beta1/upload-async` without buffering it. The answer comes only once the proxy accepted every byte. CDI's proxy takes one stream per upload (no chunks, no resume): a reverse proxy in front of the console must allow bodies of the disk's size and long requests. Local mode answers 501.",
+            "parameters": [
+                parameter_ref("namespace"),
+                {"name": "name", "in": "query", "required": true, "schema": {"type": "string"}, "description": "The DataVolume to create."},
+                {"name": "size", "in": "query", "required": false, "schema": {"type": "string"}, "description": "The DataVolume's size, e.g. 10Gi (default: the disk's virtual size plus CDI's 5.5% filesystem overhead, rounded up to MiB)."},
+                {"name": "storageClass", "in": "query", "required": false, "schema": {"type": "string"}, "description": "The StorageClass (default: the cluster's)."},
+                {"name": "dryRun", "in": "query", "required": false, "schema": {"type": "boolean"}, "description": "Only check the permissions and that the name is free (200, nothing created, no body needed): ask this before sending gigabytes."},
+            ],
+            "requestBody": {"required": true, "description": "The disk file's bytes, with Content-Length", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+            "responses": upload_responses,
+        }),
+    );
+    add(
+        "/api/v1/namespaces/{namespace}/uploads/{name}",
+        "get",
+        json!({
+            "tags": ["disks"], "operationId": "uploadStatus", "summary": "An uploaded DataVolume's phase and progress (cluster only; needs `get datavolumes`)",
+            "parameters": [parameter_ref("namespace"), {"name": "name", "in": "path", "required": true, "schema": {"type": "string"}, "description": "The DataVolume's name."}],
+            "responses": {"200": json_response("The DataVolume", schema_ref("Upload")), "401": response_ref("Unauthorized"), "403": response_ref("Forbidden"), "404": response_ref("NotFound"), "501": upload_errors["501"].clone()},
+        }),
+    );
     add(
         "/api/v1/session",
         "get",
@@ -564,8 +610,21 @@ fn base_schemas() -> Value {
             "type": "object", "required": ["code", "reason", "message"],
             "properties": {
                 "code": {"type": "integer", "description": "The HTTP status code"},
-                "reason": {"type": "string", "enum": ["NotFound", "AlreadyExists", "InvalidTransition", "InvalidSpec", "Unsupported", "BadRequest", "Unauthorized", "Forbidden", "UnsupportedMediaType", "MethodNotAllowed", "Unavailable", "BadGateway", "NotImplemented", "Internal"]},
+                "reason": {"type": "string", "enum": ["NotFound", "AlreadyExists", "InvalidTransition", "InvalidSpec", "Unsupported", "BadRequest", "Unauthorized", "Forbidden", "UnsupportedMediaType", "MethodNotAllowed", "LengthRequired", "Unavailable", "BadGateway", "NotImplemented", "GatewayTimeout", "Internal"]},
                 "message": {"type": "string", "description": "What failed, why, and what to do"},
+            },
+        },
+        "Upload": {
+            "type": "object", "required": ["namespace", "name", "phase"],
+            "properties": {
+                "namespace": {"type": "string"},
+                "name": {"type": "string", "description": "The DataVolume's name"},
+                "phase": {"type": "string", "description": "CDI's DataVolume phase: UploadScheduled, UploadReady, ImportInProgress, Succeeded, Failed, …"},
+                "progress": {"type": "string", "description": "CDI's status.progress, e.g. 100.0%"},
+                "message": {"type": "string", "description": "CDI's first condition message"},
+                "size": {"type": "string", "description": "The requested size"},
+                "format": {"type": "string", "description": "After an upload: the disk's format from its header"},
+                "bytesSent": {"type": "integer", "description": "After an upload: the bytes the proxy accepted"},
             },
         },
         "ForbiddenError": {

@@ -117,6 +117,8 @@ pub struct KubernetesServeOptions {
     /// Believe these identity headers of an authenticating proxy (see
     /// [`crate::kubernetes::Authenticator`] for what that requires).
     pub proxy_headers: Option<ProxyHeaders>,
+    /// CDI's upload proxy for disk uploads: its URL (CDIConfig's when `None`) and trust.
+    pub upload_proxy: crate::kubernetes::UploadProxy,
 }
 
 /// Where a running server is: the contents of `serve.json`.
@@ -224,6 +226,7 @@ pub async fn serve_kubernetes(
         config,
         KubernetesOptions {
             namespace: options.namespace.clone(),
+            upload_proxy: options.upload_proxy.clone(),
         },
     )?;
     if options.proxy_headers.is_some() {

@@ -802,3 +802,32 @@ async fn the_web_console_is_public_static_content_with_a_strict_policy() {
     let links = server.get_json("/").await;
     assert_eq!(links["ui"], "/ui/");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_for_cluster_mode() {
+    let (_scratch, state) = scratch("api-upload");
+    let server = Server::start(&state, None).await;
+    let response = server
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/namespaces/default/uploads?name=disk",
+        )
+        .header("Content-Type", "application/octet-stream")
+        .body(vec![0u8; 4096])
+        .send()
+        .await
+        .unwrap();
+    expect_error(
+        response,
+        501,
+        "NotImplemented",
+        "in local mode use a disk path or registry image",
+    )
+    .await;
+    let response = server
+        .request(reqwest::Method::GET, "/api/v1/namespaces/default/uploads/disk")
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 501, "NotImplemented", "upload is for cluster mode").await;
+}

@@ -450,6 +450,14 @@ pub fn console_permissions() -> Vec<Permission> {
             "impersonate",
             "paddock_console::kubernetes::impersonate (one Impersonate-Group per group of the user)",
         ),
+        Permission {
+            scope: Scope::Console,
+            api_group: "cdi.kubevirt.io",
+            resource: "cdiconfigs",
+            verb: "get",
+            name: ResourceName::Fixed("config".to_owned()),
+            code_path: "paddock_console::kubernetes::upload (CDIConfig config's status.uploadProxyURL: where browser uploads go, unless --upload-proxy-url)",
+        },
         row(
             "",
             "serviceaccounts",
@@ -567,6 +575,7 @@ mod tests {
 
     #[test]
     fn the_console_table_is_reads_reviews_and_impersonation_only() {
+        // Reads: the shared caches, and CDIConfig `config` alone (to find CDI's upload proxy).
         let console = console_permissions();
         let rules = rules(Scope::Console, &mut |_| Value::Null);
         let expected: Vec<Value> = serde_yaml::from_str(
@@ -574,6 +583,7 @@ mod tests {
 - {apiGroups: [""], resources: [groups, serviceaccounts, users], verbs: [impersonate]}
 - {apiGroups: [authentication.k8s.io], resources: [tokenreviews], verbs: [create]}
 - {apiGroups: [authorization.k8s.io], resources: [subjectaccessreviews], verbs: [create]}
+- {apiGroups: [cdi.kubevirt.io], resourceNames: [config], resources: [cdiconfigs], verbs: [get]}
 - {apiGroups: [kubevirt.io], resources: [virtualmachineinstances, virtualmachines], verbs: [list, watch]}
 - {apiGroups: [paddock.dev], resources: [virtualmachineapps], verbs: [list, watch]}
 - {apiGroups: [snapshot.kubevirt.io], resources: [virtualmachinesnapshots], verbs: [list, watch]}

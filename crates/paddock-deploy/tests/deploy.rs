@@ -686,6 +686,8 @@ async fn the_console_service_account_can_do_exactly_the_console_table() {
             "users" => vec![(None, Some("alice")), (None, Some("system:admin"))],
             "groups" => vec![(None, Some("developers"))],
             "serviceaccounts" => vec![(Some(elsewhere.name()), Some("default"))],
+            // Cluster-scoped, and only CDI's one CDIConfig.
+            "cdiconfigs" => vec![(None, Some("config"))],
             _ => vec![(None, None), (Some(elsewhere.name()), None)],
         };
         for (namespace, name) in places {
@@ -708,7 +710,7 @@ async fn the_console_service_account_can_do_exactly_the_console_table() {
         }
     }
     // Neighbouring requests are not: the console writes nothing with its own credentials, and reads
-    // nothing but its four caches.
+    // nothing but its four caches and CDI's CDIConfig.
     for (group, resource, verb, namespace, name) in [
         (
             "kubevirt.io",
@@ -767,6 +769,8 @@ async fn the_console_service_account_can_do_exactly_the_console_table() {
             None,
         ),
         ("cdi.kubevirt.io", "datavolumes", "list", None, None),
+        ("cdi.kubevirt.io", "cdiconfigs", "list", None, None),
+        ("cdi.kubevirt.io", "cdiconfigs", "update", None, Some("config")),
         ("", "secrets", "list", Some(elsewhere.name()), None),
         ("", "pods", "list", None, None),
         (

@@ -61,6 +61,13 @@ pub struct ServeArgs {
     /// X-Forwarded-Groups; needs --auth-proxy-user-header.
     #[arg(long, value_name = "HEADER", requires = "auth_proxy_user_header")]
     auth_proxy_groups_header: Option<String>,
+    /// CDI's upload proxy, for disk uploads through the console (Kubernetes backend; default:
+    /// CDIConfig config's status.uploadProxyURL, which the console then needs `get` on).
+    #[arg(long, value_name = "URL")]
+    upload_proxy_url: Option<String>,
+    /// A PEM file with the CA that signed the upload proxy's certificate (added to the system's).
+    #[arg(long, value_name = "FILE")]
+    upload_proxy_ca_file: Option<PathBuf>,
     /// Where to listen; loopback only unless --listen-any. Port 0 picks a free port.
     #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDRESS:PORT")]
     listen: SocketAddr,
@@ -139,14 +146,27 @@ fn run_kubernetes(arguments: &ServeArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
         })
         .transpose()?;
-    let options = paddock_console::KubernetesServeOptions {
-        listen: arguments.listen,
-        allow_non_loopback: arguments.listen_any,
-        kubeconfig: arguments.kubeconfig.clone(),
-        context: arguments.context.clone(),
-        namespace: arguments.namespace.clone(),
-        proxy_headers,
-    };
+    let options =
+        paddock_console::KubernetesServeOptions {
+            listen: arguments.listen,
+            allow_non_loopback: arguments.listen_any,
+            kubeconfig: arguments.kubeconfig.clone(),
+            context: arguments.context.clone(),
+            namespace: arguments.namespace.clone(),
+            proxy_headers,
+            upload_proxy: paddock_console::kubernetes::UploadProxy {
+                url: arguments.upload_proxy_url.clone(),
+                trust: paddock_cluster::upload::ProxyTrust {
+                    ca_pem: match &arguments.upload_proxy_ca_file {
+                        Some(file) => Some(std::fs::read(file).with_context(|| {
+                            format!("cannot read --upload-proxy-ca-file {}", file.display())
+                        })?),
+                        None => None,
+                    },
+                    insecure: false,
+                },
+            },
+        };
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -16,26 +16,23 @@
 //!    `status.uploadProxyURL`;
 //! 5. the DataVolume must reach `Succeeded`; `Failed` reports CDI's message. A refusal, a timeout
 //!    or a dropped connection is reported with what to do — never as a silent stop at 99%.
+//!
+//! The checks, manifests and the streamed `POST` are `paddock_cluster::upload`'s, shared with the
+//! console's upload endpoint; this module adds the flags, the kubeconfig client and the bar.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use futures_util::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use serde::{Deserialize, Serialize};
+use paddock_cluster::upload;
+use serde::Serialize;
 use serde_json::json;
-use tokio::io::AsyncReadExt;
 
 use crate::progress::OutputFlags;
-
-/// CDI's default filesystem overhead (CDIConfig `filesystemOverhead.global`).
-const FILESYSTEM_OVERHEAD: f64 = 0.055;
-const MIB: u64 = 1 << 20;
 
 /// `paddock upload`.
 #[derive(Debug, Args)]
@@ -86,17 +83,6 @@ pub struct UploadArgs {
     output_flags: OutputFlags,
 }
 
-#[derive(Deserialize)]
-struct QemuImgInfo {
-    format: String,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-    #[serde(rename = "backing-filename", default)]
-    backing_filename: Option<String>,
-    #[serde(default)]
-    encrypted: bool,
-}
-
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct UploadSummary {
@@ -109,13 +95,13 @@ struct UploadSummary {
     phase: String,
 }
 
-fn resource(group: &str, kind: &str, plural: &str) -> ApiResource {
+fn resource(name: &upload::ResourceName) -> ApiResource {
     ApiResource {
-        group: group.to_owned(),
-        version: "v1beta1".to_owned(),
-        api_version: format!("{group}/v1beta1"),
-        kind: kind.to_owned(),
-        plural: plural.to_owned(),
+        group: name.group.to_owned(),
+        version: name.version.to_owned(),
+        api_version: format!("{}/{}", name.group, name.version),
+        kind: name.kind.to_owned(),
+        plural: name.plural.to_owned(),
     }
 }
 
@@ -128,66 +114,9 @@ pub fn run(arguments: &UploadArgs) -> anyhow::Result<()> {
         .block_on(upload(arguments))
 }
 
-/// The disk's format and virtual size, refusing what CDI would refuse.
-async fn inspect_disk(disk: &std::path::Path) -> anyhow::Result<QemuImgInfo> {
-    let metadata = std::fs::metadata(disk).with_context(|| format!("cannot read {}", disk.display()))?;
-    if !metadata.is_file() {
-        bail!("{} is not a regular file; pass a disk image file", disk.display());
-    }
-    let output = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(disk)
-        .output()
-        .await
-        .context("cannot run qemu-img; install qemu-utils")?;
-    if !output.status.success() {
-        bail!(
-            "qemu-img cannot read {}: {}",
-            disk.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let info: QemuImgInfo =
-        serde_json::from_slice(&output.stdout).context("qemu-img info printed unreadable json")?;
-    if let Some(backing) = &info.backing_filename {
-        bail!(
-            "{} has a backing file ({backing}), which CDI refuses; flatten it first with `qemu-img convert -O qcow2`",
-            disk.display()
-        );
-    }
-    if info.encrypted {
-        bail!(
-            "{} is encrypted, which CDI refuses; decrypt it first",
-            disk.display()
-        );
-    }
-    if !["qcow2", "raw", "vmdk", "vdi", "vpc", "vhdx"].contains(&info.format.as_str()) {
-        bail!(
-            "{} is {}, which CDI does not import; convert it with `qemu-img convert -O qcow2`",
-            disk.display(),
-            info.format
-        );
-    }
-    Ok(info)
-}
-
-/// The DataVolume size to ask for, checked against the disk's virtual size.
+/// The DataVolume size to ask for, checked against the disk's virtual size; errors name --size.
 fn requested_size(size: Option<&str>, virtual_size: u64) -> anyhow::Result<String> {
-    // What CDI needs on a Filesystem volume: the virtual size plus the overhead it reserves.
-    let needed = (virtual_size as f64 * (1.0 + FILESYSTEM_OVERHEAD)).ceil() as u64;
-    let Some(size) = size else {
-        return Ok(format!("{}Mi", needed.div_ceil(MIB)));
-    };
-    let bytes = paddock_api::quantity::parse_quantity(size)
-        .map_err(|error| anyhow::anyhow!("--size {size}: {error}"))?;
-    let bytes = u64::try_from(bytes).map_err(|_| anyhow::anyhow!("--size {size} is too large"))?;
-    if bytes < virtual_size {
-        bail!(
-            "--size {size} ({bytes} bytes) is smaller than the disk's virtual size of {virtual_size} bytes; the upload would fail after sending everything: pass --size {}Mi or more",
-            needed.div_ceil(MIB)
-        );
-    }
-    Ok(size.to_owned())
+    upload::requested_size(size, Some(virtual_size)).map_err(|error| anyhow::anyhow!("--{error}"))
 }
 
 async fn kube_client(arguments: &UploadArgs) -> anyhow::Result<(kube::Client, String)> {
@@ -222,18 +151,6 @@ fn phase(object: &DynamicObject) -> String {
         .to_owned()
 }
 
-/// The message of the DataVolume's first condition that has one, for errors.
-fn condition_message(object: &DynamicObject) -> String {
-    object.data["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|condition| condition["message"].as_str())
-        .find(|message| !message.is_empty())
-        .unwrap_or("no message")
-        .to_owned()
-}
-
 /// Waits until the DataVolume is in one of `wanted` phases; `Failed` (unless wanted) is an error.
 async fn wait_phase(
     api: &Api<DynamicObject>,
@@ -247,20 +164,19 @@ async fn wait_phase(
             .get(name)
             .await
             .with_context(|| format!("cannot read DataVolume {name}"))?;
-        let current = phase(&object);
-        if wanted.contains(&current.as_str()) {
-            return Ok(object);
-        }
-        if current == "Failed" {
-            bail!("DataVolume {name} failed: {}", condition_message(&object));
+        let status = json!({"status": object.data["status"].clone()});
+        match upload::check_phase(&status, wanted) {
+            upload::PhaseCheck::Reached => return Ok(object),
+            upload::PhaseCheck::Failed(message) => bail!("DataVolume {name} failed: {message}"),
+            upload::PhaseCheck::Waiting => {}
         }
         if tokio::time::Instant::now() >= deadline {
             bail!(
                 "DataVolume {name} did not become {} within {} s (it is {:?}: {}); check CDI's pods and events, or raise --wait-secs",
                 wanted.join(" or "),
                 timeout.as_secs(),
-                current,
-                condition_message(&object)
+                phase(&object),
+                upload::condition_message(&status)
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -268,65 +184,48 @@ async fn wait_phase(
 }
 
 async fn upload(arguments: &UploadArgs) -> anyhow::Result<()> {
-    let info = inspect_disk(&arguments.disk).await?;
-    let size = requested_size(arguments.size.as_deref(), info.virtual_size)?;
+    let info = upload::inspect_disk_file(&arguments.disk).await?;
+    let virtual_size = info.virtual_size.unwrap_or_default();
+    let size = requested_size(arguments.size.as_deref(), virtual_size)?;
     let disk_bytes = std::fs::metadata(&arguments.disk)
         .with_context(|| format!("cannot read {}", arguments.disk.display()))?
         .len();
     let (client, namespace) = kube_client(arguments).await?;
     let http = upload_client(arguments)?;
     let wait = Duration::from_secs(arguments.wait_secs);
-    let data_volumes: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        &namespace,
-        &resource("cdi.kubevirt.io", "DataVolume", "datavolumes"),
-    );
+    let data_volumes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &namespace, &resource(&upload::DATA_VOLUME));
     let name = &arguments.name;
     let bars = arguments.output_flags.bars();
     let proxy = match &arguments.uploadproxy_url {
-        Some(url) => url.clone(),
+        Some(url) => upload::normalize_proxy_url(url),
         None => {
-            let configs: Api<DynamicObject> = Api::all_with(
-                client.clone(),
-                &resource("cdi.kubevirt.io", "CDIConfig", "cdiconfigs"),
-            );
+            let configs: Api<DynamicObject> = Api::all_with(client.clone(), &resource(&upload::CDI_CONFIG));
             let config = configs
                 .get("config")
                 .await
                 .context("cannot read CDIConfig config to find the upload proxy; is CDI installed? Or pass --uploadproxy-url")?;
-            config.data["status"]["uploadProxyURL"]
-                .as_str()
-                .filter(|url| !url.is_empty())
-                .map(str::to_owned)
-                .context("CDIConfig config has no status.uploadProxyURL; expose cdi-uploadproxy (e.g. kubectl port-forward) and pass --uploadproxy-url")?
+            upload::proxy_url_from_cdi_config(&json!({"status": config.data["status"].clone()}))
+                .map_err(|error| anyhow::anyhow!("{error}; or pass --uploadproxy-url"))?
         }
-    };
-    let proxy = if proxy.contains("://") {
-        proxy
-    } else {
-        format!("https://{proxy}")
     };
 
     if arguments.no_create {
         let existing = data_volumes.get(name).await.with_context(|| {
             format!("cannot read DataVolume {name} in namespace {namespace} (--no-create)")
         })?;
-        if existing.data["spec"]["source"]["upload"].is_null() {
+        if !upload::has_upload_source(&existing.data) {
             bail!(
                 "DataVolume {name} has no upload source (spec.source.upload); create one without --no-create"
             );
         }
     } else {
-        let mut storage = json!({"resources": {"requests": {"storage": size}}});
-        if let Some(class) = &arguments.storage_class {
-            storage["storageClassName"] = json!(class);
-        }
-        let data_volume: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "cdi.kubevirt.io/v1beta1",
-            "kind": "DataVolume",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"source": {"upload": {}}, "storage": storage},
-        }))?;
+        let data_volume: DynamicObject = serde_json::from_value(upload::data_volume_manifest(
+            &namespace,
+            name,
+            &size,
+            arguments.storage_class.as_deref(),
+        ))?;
         match data_volumes.create(&PostParams::default(), &data_volume).await {
             Ok(_) => bars.println(&format!("created DataVolume {namespace}/{name} ({size})")),
             Err(kube::Error::Api(status)) if status.code == 409 => bail!(
@@ -344,117 +243,51 @@ async fn upload(arguments: &UploadArgs) -> anyhow::Result<()> {
     let token_requests: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         &namespace,
-        &resource(
-            "upload.cdi.kubevirt.io",
-            "UploadTokenRequest",
-            "uploadtokenrequests",
-        ),
+        &resource(&upload::UPLOAD_TOKEN_REQUEST),
     );
-    let token_request: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "upload.cdi.kubevirt.io/v1beta1",
-        "kind": "UploadTokenRequest",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"pvcName": name},
-    }))?;
+    let token_request: DynamicObject =
+        serde_json::from_value(upload::token_request_manifest(&namespace, name))?;
     let answer = token_requests
         .create(&PostParams::default(), &token_request)
         .await
         .context("cannot get an upload token (UploadTokenRequest); check that CDI's upload API is installed and you may create uploadtokenrequests")?;
-    let token = answer.data["status"]["token"]
-        .as_str()
-        .context("the UploadTokenRequest answer has no status.token")?
-        .to_owned();
+    let token = upload::token_from_answer(&json!({"status": answer.data["status"].clone()}))?;
 
-    let path = if arguments.sync {
-        "/v1beta1/upload"
+    let endpoint = if arguments.sync {
+        upload::Endpoint::Sync
     } else {
-        "/v1beta1/upload-async"
+        upload::Endpoint::Async
     };
-    let url = format!("{}{path}", proxy.trim_end_matches('/'));
+    let url = upload::upload_url(&proxy, endpoint);
     let bar = bars.bytes("upload", disk_bytes);
-    let sent = Arc::new(AtomicU64::new(0));
     let file = tokio::fs::File::open(&arguments.disk)
         .await
         .with_context(|| format!("cannot open {}", arguments.disk.display()))?;
-    let body = {
-        let (sent, bar) = (Arc::clone(&sent), bar.clone());
-        let stream = futures_util::stream::unfold(file, |mut file| async move {
-            let mut buffer = vec![0u8; 1 << 20];
-            match file.read(&mut buffer).await {
-                Ok(0) => None,
-                Ok(count) => {
-                    buffer.truncate(count);
-                    Some((Ok(bytes::Bytes::from(buffer)), file))
-                }
-                Err(error) => Some((Err(error), file)),
-            }
-        })
-        .map(move |item: std::io::Result<bytes::Bytes>| {
-            if let Ok(bytes) = &item {
-                sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                bar.inc(bytes.len() as u64);
-            }
-            item
-        });
-        reqwest::Body::wrap_stream(stream)
+    let progress: upload::Progress = {
+        let bar = bar.clone();
+        Arc::new(move |bytes| bar.inc(bytes))
     };
-    let response = http
-        .post(&url)
-        .bearer_auth(&token)
-        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-        .header(reqwest::header::CONTENT_LENGTH, disk_bytes)
-        .body(body)
-        .send()
-        .await;
-    let bytes_sent = sent.load(Ordering::Relaxed);
-    let response = match response {
-        Ok(response) => response,
+    let bytes_sent = match upload::send_disk(
+        &http,
+        &url,
+        &token,
+        upload::file_stream(file),
+        disk_bytes,
+        progress,
+    )
+    .await
+    {
+        Ok(bytes_sent) => bytes_sent,
         Err(error) => {
             bar.abandon();
-            let what = if error.is_timeout() {
-                "the upload proxy stopped answering (timed out)"
-            } else if error.is_connect() {
-                "cannot connect to the upload proxy"
-            } else {
-                "the connection to the upload proxy broke"
-            };
-            bail!(
-                "{what} at {url} after {bytes_sent} of {disk_bytes} bytes: {}; check the proxy is reachable (--uploadproxy-url, --ca-file) and run the upload again into a new DataVolume",
-                crate_error_chain(&error)
-            );
+            match error {
+                upload::UploadError::ProxyFailed { .. } => {
+                    bail!("{error} (check --uploadproxy-url and --ca-file)")
+                }
+                error => bail!("upload of {}: {error}", arguments.disk.display()),
+            }
         }
     };
-    let status = response.status();
-    let message = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        bar.abandon();
-        let advice = match status.as_u16() {
-            400 => "the proxy or CDI refused the disk or the request",
-            401 | 403 => {
-                "the upload token was refused (tokens expire after a few minutes): run the upload again"
-            }
-            413 => "the disk is larger than the proxy accepts",
-            503 => "the upload server is not ready or the DataVolume already received an upload",
-            504 | 502 => "the proxy timed out waiting for the upload server",
-            _ => "the upload proxy refused the upload",
-        };
-        bail!(
-            "upload of {} to {url} failed with http {}: {advice}{}",
-            arguments.disk.display(),
-            status.as_u16(),
-            if message.trim().is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", message.trim())
-            }
-        );
-    }
-    if bytes_sent != disk_bytes {
-        bail!(
-            "the upload proxy answered http {} after only {bytes_sent} of {disk_bytes} bytes; the upload is incomplete: run it again into a new DataVolume",
-            status.as_u16()
-        );
-    }
     bar.finish_and_clear();
     bars.println("uploaded; waiting for CDI to process the disk");
     let done = wait_phase(&data_volumes, name, &["Succeeded"], wait).await?;
@@ -462,7 +295,7 @@ async fn upload(arguments: &UploadArgs) -> anyhow::Result<()> {
         namespace: namespace.clone(),
         data_volume: name.clone(),
         format: info.format,
-        virtual_size: info.virtual_size,
+        virtual_size,
         size_requested: size,
         bytes_sent,
         phase: phase(&done),
@@ -483,40 +316,23 @@ async fn upload(arguments: &UploadArgs) -> anyhow::Result<()> {
 
 /// The HTTP client for the upload proxy: its CA added, or verification off with --insecure.
 fn upload_client(arguments: &UploadArgs) -> anyhow::Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder()
-        .user_agent(concat!("paddock/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(30))
-        // No overall limit (a disk may take hours), but a proxy that stops reading or answering
-        // fails the upload instead of hanging at 99%.
-        .read_timeout(Duration::from_secs(300));
-    if let Some(ca_file) = &arguments.ca_file {
-        let pem =
-            std::fs::read(ca_file).with_context(|| format!("cannot read --ca-file {}", ca_file.display()))?;
-        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
-            .with_context(|| format!("--ca-file {} holds no PEM certificate", ca_file.display()))?;
-        builder = builder.tls_certs_merge(certificates);
-    }
-    if arguments.insecure {
-        builder = builder.tls_danger_accept_invalid_certs(true);
-    }
-    builder
-        .build()
-        .context("cannot set up the HTTP client for the upload proxy")
-}
-
-/// An error and its sources, joined with `": "`.
-fn crate_error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
+    let ca_pem = match &arguments.ca_file {
+        Some(ca_file) => Some(
+            std::fs::read(ca_file).with_context(|| format!("cannot read --ca-file {}", ca_file.display()))?,
+        ),
+        None => None,
+    };
+    upload::proxy_client(&upload::ProxyTrust {
+        ca_pem,
+        insecure: arguments.insecure,
+    })
+    .with_context(|| {
+        arguments
+            .ca_file
+            .as_ref()
+            .map(|file| format!("--ca-file {}", file.display()))
+            .unwrap_or_default()
+    })
 }
 
 #[cfg(test)]
@@ -527,6 +343,13 @@ mod tests {
     fn sizes_hold_the_disk_and_default_to_cdis_overhead() {
         assert_eq!(requested_size(None, 1 << 30).unwrap(), "1081Mi");
         assert_eq!(requested_size(Some("2Gi"), 1 << 30).unwrap(), "2Gi");
+        // The CLI's message names its flag.
+        assert!(
+            requested_size(Some("1Mi"), 1 << 30)
+                .unwrap_err()
+                .to_string()
+                .starts_with("--size 1Mi")
+        );
         let refused = requested_size(Some("512Mi"), 1 << 30).unwrap_err().to_string();
         assert!(
             refused.contains("smaller than the disk's virtual size"),

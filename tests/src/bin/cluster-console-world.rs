@@ -114,6 +114,8 @@ fn serve_world() -> Result<(), WorldBinaryError> {
         "adminToken": admin_token,
         "userToken": user_token,
         "user": format!("system:serviceaccount:{ns}:alice"),
+        // For the browser upload: the test disk (a qcow2), or null when it cannot be built.
+        "testDisk": paddock_tests::testdisk::test_disk().ok(),
     }))?;
 
     for line in std::io::stdin().lock().lines() {
@@ -148,6 +150,9 @@ fn start_console(cluster: &Cluster, log: &std::path::Path) -> Result<(Process, S
         .arg("--kubeconfig")
         .arg(cluster.admin_kubeconfig())
         .args(["--listen", "127.0.0.1:0"])
+        // The simulator's upload proxy (URL from CDIConfig) has a certificate of the test CA.
+        .arg("--upload-proxy-ca-file")
+        .arg(cluster.simulator_ca())
         .env("RUST_LOG", "info,paddock_console=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -29,6 +29,7 @@
 mod access;
 mod authenticator;
 mod console;
+mod upload;
 mod views;
 
 use std::collections::{BTreeSet, HashMap};
@@ -51,10 +52,12 @@ pub use access::{AccessReviewer, DECISION_LIFETIME};
 pub use authenticator::{
     Authenticator, ProxyHeaders, REFUSAL_LIFETIME, REVIEW_LIFETIME, SESSION_LIFETIME, Session,
 };
+pub use upload::UploadProxy;
 
 use crate::backend::{
     Backend, BackendError, BackendResult, ConsoleChannel, ConsoleKind, ErrorKind, EventView, HealthCheck,
-    Permission, PowerAction, SnapshotRequest, SnapshotView, UserInfo, VmRef, VmStatusView, VmView,
+    Permission, PowerAction, SnapshotRequest, SnapshotView, UploadRequest, UploadView, UserInfo, VmRef,
+    VmStatusView, VmView,
 };
 use views::{VmObjects, snapshot_source, snapshot_state, snapshot_view, status_view, vm_view};
 
@@ -98,6 +101,8 @@ pub struct KubernetesOptions {
     /// Watch only this namespace (the console then needs `list`/`watch` there only); every
     /// namespace when `None`.
     pub namespace: Option<String>,
+    /// Where CDI's upload proxy is and how to trust it, for disk uploads.
+    pub upload_proxy: UploadProxy,
 }
 
 /// The client configuration: `kubeconfig` (with `context`) when given, else inferred (in-cluster
@@ -197,6 +202,10 @@ struct Shared {
     access: AccessReviewer,
     events: broadcast::Sender<EventView>,
     tasks: Vec<AbortHandle>,
+    /// The configured upload proxy URL, if any.
+    upload_proxy_url: Option<String>,
+    /// The HTTP client for the upload proxy, or why it could not be made.
+    upload_client: Result<reqwest::Client, String>,
 }
 
 impl Drop for Shared {
@@ -265,8 +274,12 @@ impl KubernetesBackend {
         }
         let caches_for_events = caches.clone();
         tasks.push(tokio::spawn(publish_changes(caches_for_events, touched, events.clone())).abort_handle());
+        let upload_client = paddock_cluster::upload::proxy_client(&options.upload_proxy.trust)
+            .map_err(|error| error.to_string());
         Ok(KubernetesBackend {
             shared: Arc::new(Shared {
+                upload_proxy_url: options.upload_proxy.url.clone(),
+                upload_client,
                 access: AccessReviewer::new(client.clone()),
                 client,
                 stream_client,
@@ -1511,6 +1524,18 @@ impl Backend for UserBackend {
                 .await?;
             self.settled_view(&vm, &objects).await
         })
+    }
+
+    fn upload_disk(
+        &self,
+        request: UploadRequest,
+        body: paddock_cluster::upload::DiskStream,
+    ) -> BoxFuture<'_, BackendResult<UploadView>> {
+        Box::pin(self.upload_disk_as_user(request, body))
+    }
+
+    fn upload_status(&self, namespace: String, name: String) -> BoxFuture<'_, BackendResult<UploadView>> {
+        Box::pin(async move { self.upload_status_as_user(&namespace, &name).await })
     }
 
     fn clone_vm(&self, vm: VmRef, target: String) -> BoxFuture<'_, BackendResult<VmRef>> {
