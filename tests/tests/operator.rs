@@ -899,3 +899,234 @@ async fn kill_9_during_reconciles_twenty_times_converges_without_duplicates() {
     let instances = world.list(&virtual_machine_instances(), "").await;
     assert_eq!(instances.len(), APPS / 2);
 }
+
+/// The sum of the operator's `family` samples whose labels contain `labels`, from `/metrics`.
+fn metric_sum(port: u16, family: &str, labels: &str) -> f64 {
+    http_get(port, "/metrics")
+        .1
+        .lines()
+        .filter(|line| line.starts_with(family) && line.contains(labels))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+fn writes(port: u16) -> f64 {
+    metric_sum(port, "paddock_operator_writes_total", "")
+}
+
+fn app_reconciles(port: u16) -> f64 {
+    metric_sum(
+        port,
+        "paddock_operator_reconciles_total",
+        "controller=\"virtualmachineapp\"",
+    )
+}
+
+/// Waits until the operator has sent no write for `quiet` (the reconciles its own writes trigger are
+/// done), returning the write count.
+async fn settled_writes(port: u16, quiet: Duration, operator: &Operator) -> f64 {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut last = writes(port);
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = writes(port);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the operator never stopped writing:\n{}",
+            operator.log()
+        );
+    }
+}
+
+/// The parts of a child a write would change: its resourceVersion and managedFields.
+fn write_marks(object: &Value) -> (Value, Value) {
+    (
+        object["metadata"]["resourceVersion"].clone(),
+        object["metadata"]["managedFields"].clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unchanged_app_costs_no_writes_and_a_changed_or_edited_child_is_repaired() {
+    let Some(world) = World::new("op-writes").await else {
+        return;
+    };
+    let operator = Operator::start(&world);
+    world
+        .create(
+            &virtual_machine_apps(),
+            json!({
+                "apiVersion": "paddock.dev/v1alpha1",
+                "kind": "VirtualMachineApp",
+                "metadata": {"name": "quiet"},
+                "spec": {
+                    "displayName": "Quiet",
+                    "image": {"containerDisk": "registry.paddock.test/vms/disk:1", "persistent": false},
+                    "cloudInit": {"sshKeys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop"]},
+                    "runStrategy": "Halted",
+                },
+            }),
+        )
+        .await;
+    world
+        .wait(
+            &virtual_machine_apps(),
+            "quiet",
+            "Stopped and listed",
+            &operator,
+            |object| {
+                text(object, "/status/phase") == Some("Stopped")
+                    && object
+                        .and_then(|o| condition(o, "BafflesRegistered"))
+                        .is_some_and(|c| c["status"] == "True")
+            },
+        )
+        .await;
+    let port = operator.probe_port().await;
+    let secrets = kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&());
+    let children = [
+        (virtual_machines(), "quiet"),
+        (baffles_applications(), "quiet"),
+        (secrets, "quiet-ssh-keys"),
+    ];
+    let writes_before = settled_writes(port, Duration::from_secs(3), &operator).await;
+    let mut marks_before = Vec::new();
+    for (resource, name) in &children {
+        let child = world.get(resource, name).await.unwrap();
+        assert!(
+            child["metadata"]["annotations"]["paddock.dev/desired-hash"].is_string(),
+            "{} {name} carries the hash of what was applied",
+            resource.kind
+        );
+        marks_before.push(write_marks(&child));
+    }
+
+    // A forced requeue of the unchanged app (an annotation is a watch event, not a spec change):
+    // the app is reconciled, nothing is written.
+    let reconciles_before = app_reconciles(port);
+    let skipped_before = metric_sum(port, "paddock_operator_applies_skipped_total", "");
+    world
+        .merge(
+            &virtual_machine_apps(),
+            "quiet",
+            json!({"metadata": {"annotations": {"test.paddock.dev/poke": "1"}}}),
+        )
+        .await;
+    let deadline = Instant::now() + TIMEOUT;
+    while app_reconciles(port) <= reconciles_before {
+        assert!(
+            Instant::now() < deadline,
+            "no reconcile after the poke:\n{}",
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Give any write that reconcile would send the time to be counted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        writes(port),
+        writes_before,
+        "an unchanged app was written:\n{}",
+        operator.log()
+    );
+    assert!(
+        metric_sum(port, "paddock_operator_applies_skipped_total", "") >= skipped_before + 3.0,
+        "the VM, the listing and the Secret were checked and skipped"
+    );
+    for ((resource, name), before) in children.iter().zip(&marks_before) {
+        let child = world.get(resource, name).await.unwrap();
+        assert_eq!(
+            &write_marks(&child),
+            before,
+            "{} {name} was written",
+            resource.kind
+        );
+    }
+
+    // A changed spec reaches the children it concerns.
+    world
+        .merge(
+            &virtual_machine_apps(),
+            "quiet",
+            json!({"spec": {"displayName": "Quieter"}}),
+        )
+        .await;
+    world
+        .wait(&baffles_applications(), "quiet", "renamed", &operator, |object| {
+            text(object, "/spec/displayName") == Some("Quieter")
+        })
+        .await;
+    world
+        .wait(&virtual_machines(), "quiet", "renamed", &operator, |object| {
+            text(object, "/metadata/annotations/paddock.dev~1display-name") == Some("Quieter")
+        })
+        .await;
+    assert!(writes(port) > writes_before);
+
+    // One edited by someone else is set back.
+    world
+        .merge(
+            &baffles_applications(),
+            "quiet",
+            json!({"spec": {"url": "wss://somewhere.else/vnc"}}),
+        )
+        .await;
+    world
+        .wait(
+            &baffles_applications(),
+            "quiet",
+            "repaired",
+            &operator,
+            |object| text(object, "/spec/url") == Some(console_url(world.name(), "quiet").as_str()),
+        )
+        .await;
+}
+
+/// A deleted child is created again at once: the children's shared reflector streams dispatch
+/// no deletions, so the operator maps a deleted child to its owning app itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_child_is_created_again() {
+    let Some(world) = World::new("op-deleted").await else {
+        return;
+    };
+    let operator = Operator::start(&world);
+    world
+        .create(
+            &virtual_machine_apps(),
+            app("quiet", "registry.paddock.test/vms/disk:1", "Halted"),
+        )
+        .await;
+    for resource in [baffles_applications(), virtual_machines()] {
+        let child = world
+            .wait(&resource, "quiet", "present", &operator, |object| {
+                object.is_some()
+            })
+            .await
+            .unwrap();
+        world
+            .api(&resource)
+            .delete("quiet", &DeleteParams::default())
+            .await
+            .unwrap();
+        let started = Instant::now();
+        world
+            .wait(&resource, "quiet", "re-created", &operator, |object| {
+                object.is_some_and(|o| o["metadata"]["uid"] != child["metadata"]["uid"])
+            })
+            .await;
+        // Far below the periodic reconcile (minutes): the deletion itself triggered it.
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} re-created only after {:?}",
+            resource.kind,
+            started.elapsed()
+        );
+    }
+}

@@ -1,11 +1,13 @@
 //! The VirtualMachineApp controller: dereference → validate → build → apply → status from children.
 //!
 //! Each reconcile reads the app and what the operator knows about the cluster, builds the desired
-//! objects with [`paddock_api::builders::desired`] (pure, validating), server-side applies them under
-//! the one field manager `paddock` with a controller owner reference to the app, prunes optional
-//! children the app no longer wants, takes and prunes scheduled snapshots, and writes the status
-//! derived from the children ([`crate::status`]) only when it changed. Users see Events for the
-//! transitions ([`crate::status::user_events`]).
+//! objects with [`paddock_api::builders::desired`] (pure, validating), server-side applies those the
+//! cache does not already hold as desired ([`crate::drift`]) under the one field manager `paddock`
+//! with a controller owner reference to the app, prunes optional children the app no longer wants,
+//! takes and prunes scheduled snapshots, and writes the status derived from the children
+//! ([`crate::status`]) only when it changed. Users see Events for the transitions
+//! ([`crate::status::user_events`]). A reconcile of an app whose spec and children are as desired
+//! sends no request at all.
 //!
 //! No finalizer: every child carries a controller owner reference, so Kubernetes' garbage collector
 //! deletes the DataVolume, VM, Secret, BafflesApplication and snapshots with the app, and nothing
@@ -36,7 +38,8 @@ use paddock_api::{
 use serde::Serialize;
 
 use crate::{
-    Context, ReconcileError,
+    Context, Metrics, ReconcileError,
+    drift::{self, Decision},
     snapshots::{self, SCHEDULED_LABEL},
     status::{self, BafflesState, Observed, SnapshotHealth},
 };
@@ -50,6 +53,8 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// Reconciles one VirtualMachineApp.
 #[tracing::instrument(skip_all, fields(app = %app.name_any(), namespace = app.namespace().unwrap_or_default()))]
 pub async fn reconcile(app: Arc<VirtualMachineApp>, context: Arc<Context>) -> Result<Action, ReconcileError> {
+    // Until the children's caches are filled every child would look missing and be applied again.
+    let _ = context.children_synced.clone().wait_for(|synced| *synced).await;
     crate::observed(
         CONTROLLER,
         app.as_ref(),
@@ -89,42 +94,49 @@ async fn reconcile_inner(app: &VirtualMachineApp, context: &Context) -> Result<A
         Err(error @ BuildError::MissingMetadata(_)) => return Err(ReconcileError::Build(error)),
     };
 
+    let ephemeral = desired.data_volume.is_none();
     let client = &context.client;
-    if let Some(data_volume) = &desired.data_volume {
-        apply(
+    if let Some(data_volume) = desired.data_volume {
+        let existing = context
+            .data_volumes
+            .get(&ObjectRef::new(&builders::data_volume_name(&name)).within(&namespace));
+        ensure(
             &Api::<DataVolume>::namespaced(client.clone(), &namespace),
             data_volume,
+            existing.as_deref(),
+            &context.metrics,
         )
         .await?;
     }
-    apply(
+    let existing = context
+        .virtual_machines
+        .get(&ObjectRef::new(&name).within(&namespace));
+    ensure(
         &Api::<VirtualMachine>::namespaced(client.clone(), &namespace),
-        &desired.virtual_machine,
+        desired.virtual_machine,
+        existing.as_deref(),
+        &context.metrics,
     )
     .await?;
     let secrets = Api::<Secret>::namespaced(client.clone(), &namespace);
-    match &desired.ssh_keys_secret {
-        Some(secret) => apply(&secrets, secret).await?,
-        None => {
-            let secret_name = builders::ssh_keys_secret_name(&name);
-            let existing = context
-                .secrets
-                .get(&ObjectRef::new(&secret_name).within(&namespace));
-            prune(&secrets, existing.as_deref(), app).await?;
-        }
+    let existing = context
+        .secrets
+        .get(&ObjectRef::new(&builders::ssh_keys_secret_name(&name)).within(&namespace));
+    match desired.ssh_keys_secret {
+        Some(secret) => ensure(&secrets, secret, existing.as_deref(), &context.metrics).await?,
+        None => prune(&secrets, existing.as_deref(), app, &context.metrics).await?,
     }
     let baffles_api = Api::<BafflesApplication>::namespaced(client.clone(), &namespace);
-    let baffles = match &desired.baffles_application {
+    let existing = context.baffles.get(&ObjectRef::new(&name).within(&namespace));
+    let baffles = match desired.baffles_application {
         Some(baffles) => {
-            apply(&baffles_api, baffles).await?;
-            BafflesState::Registered {
-                url: baffles.spec.url.clone(),
-            }
+            let url = baffles.spec.url.clone();
+            ensure(&baffles_api, baffles, existing.as_deref(), &context.metrics).await?;
+            BafflesState::Registered { url }
         }
         None if !facts.baffles_installed => BafflesState::NotInstalled,
         None => {
-            let existing = context.baffles.get(&ObjectRef::new(&name).within(&namespace));
-            prune(&baffles_api, existing.as_deref(), app).await?;
+            prune(&baffles_api, existing.as_deref(), app, &context.metrics).await?;
             BafflesState::Disabled
         }
     };
@@ -152,7 +164,7 @@ async fn reconcile_inner(app: &VirtualMachineApp, context: &Context) -> Result<A
         .get(&ObjectRef::new(&name).within(&namespace));
     let observed = Observed {
         data_volume: data_volume.as_deref(),
-        ephemeral: desired.data_volume.is_none(),
+        ephemeral,
         virtual_machine: virtual_machine.as_deref(),
         baffles,
         console_url,
@@ -164,8 +176,45 @@ async fn reconcile_inner(app: &VirtualMachineApp, context: &Context) -> Result<A
     Ok(Action::requeue(requeue))
 }
 
+/// Server-side applies `desired`, stamped with its hash, unless `cached` (the reflector's copy of the
+/// child) already is as desired ([`crate::drift::decide`]): an unchanged app costs no request.
+pub(crate) async fn ensure<K>(
+    api: &Api<K>,
+    mut desired: K,
+    cached: Option<&K>,
+    metrics: &Metrics,
+) -> Result<(), ReconcileError>
+where
+    K: Resource<DynamicType = ()> + Serialize + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let kind = K::kind(&()).into_owned();
+    let name = desired.meta().name.clone().unwrap_or_default();
+    let serialization = |source| ReconcileError::Apply {
+        kind: kind.clone(),
+        name: name.clone(),
+        source: kube::Error::SerdeError(source),
+    };
+    drift::stamp(&mut desired).map_err(serialization)?;
+    let desired_json = serde_json::to_value(&desired).map_err(serialization)?;
+    let cached_json = cached
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(serialization)?;
+    match drift::decide(&desired_json, cached_json.as_ref()) {
+        Decision::Skip => {
+            metrics.skipped_apply(&kind);
+            Ok(())
+        }
+        Decision::Apply(reason) => {
+            tracing::debug!(%kind, %name, %reason, "applying");
+            metrics.wrote(&kind, "apply");
+            apply(api, &desired).await
+        }
+    }
+}
+
 /// Server-side applies `object` under the `paddock` field manager, taking over conflicting fields.
-pub(crate) async fn apply<K>(api: &Api<K>, object: &K) -> Result<(), ReconcileError>
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<(), ReconcileError>
 where
     K: Resource<DynamicType = ()> + Serialize + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -181,7 +230,12 @@ where
 }
 
 /// Deletes `existing` when the app owns it (never an object someone else made under the same name).
-pub(crate) async fn prune<K, O>(api: &Api<K>, existing: Option<&K>, owner: &O) -> Result<(), ReconcileError>
+pub(crate) async fn prune<K, O>(
+    api: &Api<K>,
+    existing: Option<&K>,
+    owner: &O,
+    metrics: &Metrics,
+) -> Result<(), ReconcileError>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     O: Resource,
@@ -205,6 +259,7 @@ where
         }),
         ..DeleteParams::background()
     };
+    metrics.wrote(&K::kind(&()), "delete");
     match api.delete(&name, &parameters).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
@@ -265,6 +320,7 @@ async fn schedule_snapshots(
             .controller_owner_ref(&())
             .ok_or(ReconcileError::MissingNamespace)?;
         let snapshot = snapshots::build_snapshot(&name, namespace, owner, snapshot_name, *scheduled_at);
+        context.metrics.wrote("VirtualMachineSnapshot", "create");
         match api.create(&PostParams::default(), &snapshot).await {
             Ok(_) => {
                 tracing::info!(snapshot = %snapshot_name, "took a scheduled snapshot");
@@ -291,6 +347,7 @@ async fn schedule_snapshots(
         }
     }
     for old in &plan.delete {
+        context.metrics.wrote("VirtualMachineSnapshot", "delete");
         match api.delete(old, &DeleteParams::background()).await {
             Ok(_) => tracing::info!(snapshot = %old, "pruned a scheduled snapshot beyond keep"),
             Err(kube::Error::Api(status)) if status.code == 404 => {}
@@ -315,27 +372,107 @@ async fn write_status(
     observed: &Observed<'_>,
     context: &Context,
 ) -> Result<(), ReconcileError> {
-    let desired = status::derive_status(app, observed);
-    if status::unchanged(app.status.as_ref(), &desired) {
+    // While the cache still holds the app from before this process's last status write, compare with
+    // what was written instead: the stale copy would make the same status look changed and be
+    // written again (with new transition times).
+    let written;
+    let current = match context.written_statuses.behind_cache(app) {
+        Some(status) => {
+            written = VirtualMachineApp {
+                status: Some(status),
+                ..app.clone()
+            };
+            &written
+        }
+        None => app,
+    };
+    let desired = status::derive_status(current, observed);
+    if status::unchanged(current.status.as_ref(), &desired) {
         return Ok(());
     }
     let api = Api::<VirtualMachineApp>::namespaced(context.client.clone(), namespace);
+    context
+        .metrics
+        .wrote(VirtualMachineApp::kind(&()).as_ref(), "status");
     let patch = serde_json::json!({
         "apiVersion": VirtualMachineApp::api_version(&()),
         "kind": VirtualMachineApp::kind(&()),
         "status": desired,
     });
-    api.patch_status(
-        &app.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(ReconcileError::Status)?;
-    for event in status::user_events(app.status.as_ref(), &desired) {
+    let updated = api
+        .patch_status(
+            &app.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(ReconcileError::Status)?;
+    context
+        .written_statuses
+        .record(app, updated.metadata.resource_version, desired.clone());
+    for event in status::user_events(current.status.as_ref(), &desired) {
         publish(context, app, event).await;
     }
     Ok(())
+}
+
+/// How long a written status stands in for the cached one at most: the cache lags by milliseconds;
+/// bounded so that a status someone else wrote meanwhile is repaired by the next reconcile after it.
+const WRITTEN_STATUS_WINDOW: Duration = Duration::from_secs(10);
+
+/// The statuses this process wrote that the cache may not show yet, by namespace and name.
+#[derive(Default)]
+pub(crate) struct WrittenStatuses(
+    std::sync::Mutex<std::collections::HashMap<(String, String), WrittenStatus>>,
+);
+
+struct WrittenStatus {
+    resource_version: Option<String>,
+    status: paddock_api::app::VirtualMachineAppStatus,
+    at: std::time::Instant,
+}
+
+impl WrittenStatuses {
+    fn key(app: &VirtualMachineApp) -> (String, String) {
+        (app.namespace().unwrap_or_default(), app.name_any())
+    }
+
+    /// The status last written for `app` while the cached `app` is not the version that write
+    /// produced (and the write is recent); `None` once the cache has caught up (the entry is dropped).
+    fn behind_cache(&self, app: &VirtualMachineApp) -> Option<paddock_api::app::VirtualMachineAppStatus> {
+        let mut written = self.0.lock().ok()?;
+        let key = Self::key(app);
+        let entry = written.get(&key)?;
+        if entry.resource_version == app.metadata.resource_version
+            || entry.at.elapsed() > WRITTEN_STATUS_WINDOW
+        {
+            written.remove(&key);
+            return None;
+        }
+        Some(entry.status.clone())
+    }
+
+    fn record(
+        &self,
+        app: &VirtualMachineApp,
+        resource_version: Option<String>,
+        status: paddock_api::app::VirtualMachineAppStatus,
+    ) {
+        if let Ok(mut written) = self.0.lock() {
+            // Entries of apps deleted before the cache caught up would stay: drop the expired ones.
+            if written.len() > 1024 {
+                written.retain(|_, entry| entry.at.elapsed() <= WRITTEN_STATUS_WINDOW);
+            }
+            written.insert(
+                Self::key(app),
+                WrittenStatus {
+                    resource_version,
+                    status,
+                    at: std::time::Instant::now(),
+                },
+            );
+        }
+    }
 }
 
 /// Publishes an Event about `app`; a failure is logged, never fatal (Events are best effort).
@@ -355,6 +492,7 @@ pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
         action: event.action.to_owned(),
         secondary: None,
     };
+    context.metrics.wrote("Event", "event");
     if let Err(error) = context.recorder.publish(&event, &object.object_ref(&())).await {
         tracing::warn!(%error, reason = %event.reason, "cannot publish an event");
     }

@@ -22,7 +22,7 @@ use paddock_api::{
 
 use crate::{
     Context, ReconcileError,
-    app_controller::{apply, prune},
+    app_controller::{ensure, prune},
 };
 
 /// The controller's name in metrics, logs and Events.
@@ -90,14 +90,12 @@ async fn reconcile_inner(vm: &VirtualMachine, context: &Context) -> Result<Actio
     }
     let namespace = vm.namespace().ok_or(ReconcileError::MissingNamespace)?;
     let api = Api::<BafflesApplication>::namespaced(context.client.clone(), &namespace);
+    let existing = context
+        .baffles
+        .get(&ObjectRef::new(&vm.name_any()).within(&namespace));
     match desired_listing(vm, &facts.console_gateway_url) {
-        Some(listing) => apply(&api, &listing).await?,
-        None => {
-            let existing = context
-                .baffles
-                .get(&ObjectRef::new(&vm.name_any()).within(&namespace));
-            prune(&api, existing.as_deref(), vm).await?;
-        }
+        Some(listing) => ensure(&api, listing, existing.as_deref(), &context.metrics).await?,
+        None => prune(&api, existing.as_deref(), vm, &context.metrics).await?,
     }
     Ok(Action::await_change())
 }

@@ -10,6 +10,12 @@
 //! Contract:
 //! - every object paddock writes is server-side applied under the field manager `paddock`, with a
 //!   controller owner reference (children disappear with their owner by garbage collection);
+//! - a reconcile writes only what differs: a child is applied only when the reflector's copy is
+//!   missing, was applied from another desired object or drifted ([`drift`]), the status only when
+//!   it changed, Events only for transitions; so reconciles of unchanged apps (resyncs, restarts,
+//!   the events of the operator's own writes) cost no writes. `paddock_operator_writes_total` counts
+//!   every write request;
+//! - the caches hold objects without `metadata.managedFields`, which nothing here reads;
 //! - `/healthz` answers 200 while the process runs; `/readyz` answers 200 once this replica is a
 //!   standby candidate or, when leading, once every cache has synced; `/metrics` is OpenMetrics
 //!   ([`metrics`]);
@@ -19,6 +25,7 @@
 
 pub mod app_controller;
 pub mod console_controller;
+pub mod drift;
 pub mod facts;
 pub mod leader;
 pub mod metrics;
@@ -42,7 +49,7 @@ use kube::{
         Controller, WatchStreamExt as _,
         controller::{self, Action},
         events::{Recorder, Reporter},
-        reflector::{self, ObjectRef, Store, reflector},
+        reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
@@ -265,6 +272,9 @@ pub struct Context {
     recorder: Recorder,
     metrics: Metrics,
     queue: QueueTracker,
+    written_statuses: app_controller::WrittenStatuses,
+    /// Turns true once the children's caches are filled (or waiting for them timed out).
+    children_synced: watch::Receiver<bool>,
 }
 
 /// Runs one reconcile with the bookkeeping every controller shares: the queue tracker, the reconcile
@@ -467,10 +477,13 @@ impl Drop for AbortOnDrop {
 }
 
 /// The first complete list of each tracked reflector cache, as its watch stream reports it.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct CacheSync {
-    tracked: Mutex<Vec<(&'static str, watch::Receiver<bool>)>>,
+    tracked: Arc<Mutex<Vec<TrackedCache>>>,
 }
+
+/// A tracked cache's resource and whether its first list is complete.
+type TrackedCache = (&'static str, watch::Receiver<bool>);
 
 impl CacheSync {
     /// Tracks `resource`: the returned observer of its watch stream marks it synced at the first
@@ -504,21 +517,50 @@ impl CacheSync {
         }
     }
 
-    /// Waits until every tracked cache has synced; warns, naming the resource, while one takes
-    /// longer than [`SYNC_WARNING_AFTER`], so a stuck watch shows in the log, not only as an
-    /// unready pod.
-    async fn wait_all(self) {
-        let tracked = self.tracked.into_inner().unwrap_or_default();
-        for (resource, mut receiver) in tracked {
+    /// Waits until the tracked caches named in `resources` have synced; warns, naming the
+    /// resource, while one takes longer than [`SYNC_WARNING_AFTER`], so a stuck watch shows in the
+    /// log, not only as an unready pod. Returns early when a watch stream ended (the controllers
+    /// are stopping).
+    async fn wait_for(&self, resources: &[&'static str]) {
+        let receivers: Vec<_> = match self.tracked.lock() {
+            Ok(tracked) => tracked
+                .iter()
+                .filter(|(resource, _)| resources.contains(resource))
+                .cloned()
+                .collect(),
+            Err(_) => return,
+        };
+        for (resource, mut receiver) in receivers {
             loop {
                 match tokio::time::timeout(SYNC_WARNING_AFTER, receiver.wait_for(|synced| *synced)).await {
                     Ok(Ok(_)) => break,
-                    // The watch stream ended: the controllers are stopping.
                     Ok(Err(_)) => return,
                     Err(_) => tracing::warn!(resource, "cache not synced yet; is the watch failing?"),
                 }
             }
             tracing::debug!(resource, "cache synced");
+        }
+    }
+}
+
+/// Sends the owning VirtualMachineApp of every deleted child to the app controller. The shared
+/// reflector streams dispatch no deletions to the controllers that own them, so without this a
+/// deleted child would be re-created only at the next periodic reconcile.
+fn owner_of_deleted_child<K: Resource>(
+    sender: tokio::sync::mpsc::UnboundedSender<ObjectRef<VirtualMachineApp>>,
+) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) {
+    move |event| {
+        let Ok(watcher::Event::Delete(child)) = event else {
+            return;
+        };
+        let metadata = child.meta();
+        let owner = metadata.owner_references.iter().flatten().find(|owner| {
+            owner.controller == Some(true)
+                && owner.kind == VirtualMachineApp::kind(&())
+                && owner.api_version == VirtualMachineApp::api_version(&())
+        });
+        if let (Some(owner), Some(namespace)) = (owner, &metadata.namespace) {
+            let _ = sender.send(ObjectRef::new(&owner.name).within(namespace));
         }
     }
 }
@@ -533,11 +575,20 @@ fn watch_error_logger<K>(resource: &'static str) -> impl FnMut(&Result<watcher::
     }
 }
 
-/// How long a cache may take to sync before [`CacheSync::wait_all`] warns.
+/// How long a cache may take to sync before [`CacheSync::wait_for`] warns.
 const SYNC_WARNING_AFTER: Duration = Duration::from_secs(15);
+
+/// How long app reconciles wait for the children's caches before they run anyway.
+const CHILD_CACHE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a graceful shutdown waits for running reconciles.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Drops `metadata.managedFields` before an object enters a cache: nothing here reads them, and they
+/// are often the largest part of a small object (every manager's field set, for every child).
+fn without_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
 
 fn managed() -> watcher::Config {
     watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"))
@@ -605,40 +656,74 @@ async fn run_controllers(
     // `Store::wait_until_ready`: a store's readiness future wakes only its latest waiter, and the
     // controllers already wait on their stores, so a second waiter could starve one of them.
     let synced = CacheSync::default();
+    let (deleted_children, deleted_children_receiver) =
+        tokio::sync::mpsc::unbounded_channel::<ObjectRef<VirtualMachineApp>>();
     let reflectors = future::join5(
         watcher(api::<DataVolume>(&client, namespace), managed())
             .default_backoff()
+            .modify(without_managed_fields)
             .reflect_shared(dv_writer)
+            .inspect(owner_of_deleted_child(deleted_children.clone()))
             .for_each(synced.track("datavolumes")),
         watcher(
             api::<VirtualMachine>(&client, namespace),
             watcher::Config::default(),
         )
         .default_backoff()
+        .modify(without_managed_fields)
         .reflect_shared(vm_writer)
+        .inspect(owner_of_deleted_child(deleted_children.clone()))
         .for_each(synced.track("virtualmachines")),
         watcher(api::<Secret>(&client, namespace), managed())
             .default_backoff()
+            .modify(without_managed_fields)
             .reflect_shared(secret_writer)
+            .inspect(owner_of_deleted_child(deleted_children.clone()))
             .for_each(synced.track("secrets")),
-        // Untracked for readiness: without the Baffles CRD this never syncs, and the operator
-        // still works.
         watcher(api::<BafflesApplication>(&client, namespace), managed())
             .default_backoff()
+            .modify(without_managed_fields)
             .reflect_shared(baffles_writer)
-            .for_each({
-                let mut observe = watch_error_logger("bafflesapplications");
-                move |event| {
-                    observe(&event);
-                    future::ready(())
-                }
-            }),
+            .inspect(owner_of_deleted_child(deleted_children.clone()))
+            .for_each(synced.track("bafflesapplications")),
         watcher(api::<VirtualMachineSnapshot>(&client, namespace), managed())
             .default_backoff()
+            .modify(without_managed_fields)
             .reflect_shared(snapshot_writer)
+            .inspect(owner_of_deleted_child(deleted_children.clone()))
             .for_each(synced.track("virtualmachinesnapshots")),
     );
     let _reflectors = AbortOnDrop(tokio::spawn(reflectors.map(|_| ())));
+
+    // App reconciles that started before the children's caches are filled would find every child
+    // missing and apply it again: they wait for this gate (bounded, so a watch that cannot start
+    // does not stop the operator; the Baffles cache only when its CRD exists, else it never fills).
+    let (children_gate, children_synced) = watch::channel(false);
+    let _children_gate = {
+        let synced = synced.clone();
+        let baffles_installed = facts_receiver.borrow().baffles_installed;
+        AbortOnDrop(tokio::spawn(async move {
+            let mut children = vec![
+                "datavolumes",
+                "virtualmachines",
+                "secrets",
+                "virtualmachinesnapshots",
+            ];
+            if baffles_installed {
+                children.push("bafflesapplications");
+            }
+            if tokio::time::timeout(CHILD_CACHE_TIMEOUT, synced.wait_for(&children))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    timeout = ?CHILD_CACHE_TIMEOUT,
+                    "the children's caches did not fill in time; reconciling anyway"
+                );
+            }
+            children_gate.send_replace(true);
+        }))
+    };
 
     let context = Arc::new(Context {
         client: client.clone(),
@@ -657,6 +742,8 @@ async fn run_controllers(
         ),
         metrics: probes.metrics.clone(),
         queue: QueueTracker::default(),
+        written_statuses: app_controller::WrittenStatuses::default(),
+        children_synced,
     });
     let config = controller::Config::default().concurrency(options.concurrency);
     let facts_changed = {
@@ -666,13 +753,13 @@ async fn run_controllers(
         })
     };
     let (apps, apps_writer) = reflector::store::<VirtualMachineApp>();
-    let app_events = reflector(
-        apps_writer,
-        watcher(
-            api::<VirtualMachineApp>(&client, namespace),
-            watcher::Config::default(),
-        ),
+    let app_events = watcher(
+        api::<VirtualMachineApp>(&client, namespace),
+        watcher::Config::default(),
     )
+    .default_backoff()
+    .modify(without_managed_fields)
+    .reflect(apps_writer)
     .inspect(synced.observer("virtualmachineapps"))
     .applied_objects();
     let app_controller = Controller::for_stream(app_events, apps)
@@ -682,7 +769,11 @@ async fn run_controllers(
         .owns_shared_stream(secret_events)
         .owns_shared_stream(baffles_events_app)
         .owns_shared_stream(snapshot_events)
-        .reconcile_all_on(facts_changed);
+        .reconcile_all_on(facts_changed)
+        .reconcile_on(futures_util::stream::unfold(
+            deleted_children_receiver,
+            |mut receiver| async move { receiver.recv().await.map(|owner| (owner, receiver)) },
+        ));
     let app_controller = app_controller
         .graceful_shutdown_on(stop.clone())
         .run(app_controller::reconcile, error_policy, context.clone())
@@ -705,7 +796,15 @@ async fn run_controllers(
     let readiness = {
         let ready = probes.ready.clone();
         async move {
-            synced.wait_all().await;
+            synced
+                .wait_for(&[
+                    "virtualmachineapps",
+                    "datavolumes",
+                    "virtualmachines",
+                    "secrets",
+                    "virtualmachinesnapshots",
+                ])
+                .await;
             tracing::info!("caches synced; ready");
             ready.store(true, Ordering::Relaxed);
         }

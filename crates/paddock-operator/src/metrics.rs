@@ -9,6 +9,11 @@
 //! - `paddock_operator_queue_depth{controller}`: objects whose reconcile is running or waiting for a
 //!   retry after an error. kube-runtime's scheduler does not expose its queue, so objects triggered
 //!   but not yet started are not counted; a growing value still shows a controller falling behind;
+//! - `paddock_operator_writes_total{kind,operation}`: every request that writes to the API server
+//!   (`operation`: `apply`, `create`, `delete`, `status`, `event`), so "an unchanged app costs no
+//!   writes" can be checked from outside;
+//! - `paddock_operator_applies_skipped_total{kind}`: children found as desired in the cache, so not
+//!   applied ([`crate::drift`]);
 //! - `paddock_operator_leader` (1 while this replica leads).
 
 use std::sync::Arc;
@@ -36,6 +41,17 @@ struct ControllerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabels {
+    kind: String,
+    operation: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     controller: String,
     category: String,
@@ -49,6 +65,8 @@ pub struct Metrics {
     durations: Family<ControllerLabels, Histogram>,
     errors: Family<ErrorLabels, Counter>,
     queue_depth: Family<ControllerLabels, Gauge>,
+    writes: Family<WriteLabels, Counter>,
+    skipped: Family<KindLabels, Counter>,
     leader: Gauge,
 }
 
@@ -79,6 +97,8 @@ impl Metrics {
         );
         let errors = Family::<ErrorLabels, Counter>::default();
         let queue_depth = Family::<ControllerLabels, Gauge>::default();
+        let writes = Family::<WriteLabels, Counter>::default();
+        let skipped = Family::<KindLabels, Counter>::default();
         let leader = Gauge::default();
         registry.register(
             "paddock_operator_reconciles",
@@ -101,6 +121,16 @@ impl Metrics {
             queue_depth.clone(),
         );
         registry.register(
+            "paddock_operator_writes",
+            "Requests that write to the API server, by kind and operation",
+            writes.clone(),
+        );
+        registry.register(
+            "paddock_operator_applies_skipped",
+            "Children found as desired in the cache and not applied, by kind",
+            skipped.clone(),
+        );
+        registry.register(
             "paddock_operator_leader",
             "1 while this replica is the leader",
             leader.clone(),
@@ -111,6 +141,8 @@ impl Metrics {
             durations,
             errors,
             queue_depth,
+            writes,
+            skipped,
             leader,
         }
     }
@@ -146,6 +178,25 @@ impl Metrics {
                 controller: controller.to_owned(),
             })
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    /// A request that writes `kind` (`operation`: `apply`, `create`, `delete`, `status`, `event`) was sent.
+    pub fn wrote(&self, kind: &str, operation: &str) {
+        self.writes
+            .get_or_create(&WriteLabels {
+                kind: kind.to_owned(),
+                operation: operation.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A `kind` child was found as desired and not applied.
+    pub fn skipped_apply(&self, kind: &str) {
+        self.skipped
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
     }
 
     /// Records whether this replica leads.

@@ -397,12 +397,20 @@ pub fn user_events(
                 action: "Start",
                 note: "the VM is running".to_owned(),
             }),
-            Some(Phase::Stopped) if phase_before.is_some() => events.push(UserEvent {
-                warning: false,
-                reason: "VirtualMachineStopped",
-                action: "Stop",
-                note: "the VM is stopped".to_owned(),
-            }),
+            // A VM that stops after it ran; not one created halted, which was never started.
+            Some(Phase::Stopped)
+                if matches!(
+                    phase_before,
+                    Some(Phase::Running | Phase::Starting | Phase::Paused | Phase::Migrating)
+                ) =>
+            {
+                events.push(UserEvent {
+                    warning: false,
+                    reason: "VirtualMachineStopped",
+                    action: "Stop",
+                    note: "the VM is stopped".to_owned(),
+                });
+            }
             _ => {}
         }
     }
@@ -609,6 +617,21 @@ status:
         assert_eq!(events[0].reason, "VirtualMachineStarted");
         let stopped_again = user_events(Some(&third), &first);
         assert_eq!(stopped_again[0].reason, "VirtualMachineStopped");
+    }
+
+    #[test]
+    fn a_vm_created_halted_is_not_reported_as_stopped() {
+        let app = app(APP);
+        let mut pending = observed(None, None);
+        pending.ephemeral = true;
+        let pending = derive_status(&app, &pending);
+        assert_eq!(pending.phase, Some(Phase::Pending));
+        let halted = vm("Stopped");
+        let mut stopped = observed(None, Some(&halted));
+        stopped.ephemeral = true;
+        let stopped = derive_status(&app, &stopped);
+        assert_eq!(stopped.phase, Some(Phase::Stopped));
+        assert!(user_events(Some(&pending), &stopped).is_empty());
     }
 
     #[test]
