@@ -52,6 +52,15 @@ export interface VmStatus {
   lastExit?: { kind: string; at: string; message: string };
   message?: string;
   warnings?: string[];
+  import?: ImportStatus;
+}
+
+/** The `VmStatus.import` schema: the boot disk's import while under way or after it failed. */
+export interface ImportStatus {
+  state: "Importing" | "Failed";
+  progress?: string;
+  percent?: number;
+  message?: string;
 }
 
 /** The `Snapshot` schema. */

@@ -4,7 +4,7 @@
 
 import { Snapshot, Vm, backend, cloneVm, migrate, power, request, screenshotUrl, vmPath } from "./api";
 import { backupSection } from "./backups";
-import { h, phaseBadge, replaceChildren, timeAgo } from "./dom";
+import { h, importIndicator, phaseBadge, replaceChildren, timeAgo } from "./dom";
 import { resourcesOf } from "./list";
 import { store } from "./store";
 import { Page, confirmDialog, errorBox, toast } from "./ui";
@@ -120,6 +120,70 @@ export const detailPage: Page = (root, [namespace, name]) => {
   });
 
   const refreshed = (): Promise<Vm> => request<Vm>("GET", vmPath(namespace, name));
+
+  // The snapshot schedule: the VirtualMachineApp's spec.snapshots, which the cluster's operator
+  // runs. Local mode has no scheduler, so it only says where schedules run.
+  const scheduleCron = h("input", { type: "text", id: "schedule-cron", autocomplete: "off", spellcheck: "false", placeholder: "0 3 * * *", "aria-describedby": "schedule-help" });
+  const scheduleKeep = h("input", { type: "number", id: "schedule-keep", min: 1, max: 1000, value: 7 });
+  const scheduleSave = h("button", { type: "submit", id: "schedule-save" }, "Set schedule");
+  const scheduleClear = h("button", { type: "button", id: "schedule-clear", class: "danger" }, "Clear schedule");
+  const scheduleError = h("div", {});
+  let scheduleFilled = false;
+  const scheduleForm = h(
+    "form",
+    { class: "inline-form", "aria-label": "Snapshot schedule", id: "schedule-form" },
+    h("label", { for: "schedule-cron" }, "Schedule"),
+    scheduleCron,
+    h("label", { for: "schedule-keep" }, "Keep"),
+    scheduleKeep,
+    scheduleSave,
+    scheduleClear,
+    h("div", { class: "help", id: "schedule-help" }, "Five-field cron in UTC (minute hour day-of-month month day-of-week), e.g. '0 3 * * *', or @daily; older scheduled snapshots beyond 'keep' are deleted."),
+  );
+  const schedulePath = (): string => `${vmPath(namespace, name)}/snapshot-schedule`;
+  scheduleForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const schedule = scheduleCron.value.trim();
+    const keep = Number(scheduleKeep.value || "7");
+    void run(`Setting the snapshot schedule to ${schedule}…`, async () => {
+      store.put(await request<Vm>("PUT", schedulePath(), { text: JSON.stringify({ schedule, keep }), contentType: "application/json" }));
+      toast(`Snapshots scheduled: ${schedule}`);
+    }, scheduleError);
+  });
+  scheduleClear.addEventListener("click", () => {
+    void run("Clearing the snapshot schedule…", async () => {
+      store.put(await request<Vm>("DELETE", schedulePath()));
+      scheduleCron.value = "";
+      toast("Snapshot schedule cleared");
+    }, scheduleError);
+  });
+  const scheduleSection = (vm: Vm): HTMLElement => {
+    if (backend() !== "kubernetes") {
+      return h("p", { class: "muted", id: "snapshot-schedule" }, "Scheduled snapshots: schedules run in cluster mode (the paddock operator takes them); here snapshots are taken on request.");
+    }
+    if (vm.manifest.kind !== "VirtualMachineApp") {
+      return h("p", { class: "muted", id: "snapshot-schedule" }, "Scheduled snapshots need a VirtualMachineApp; this is a plain KubeVirt VirtualMachine.");
+    }
+    const current = (vm.manifest.spec as { snapshots?: { schedule: string; keep?: number } } | undefined)?.snapshots;
+    if (current && !scheduleFilled) {
+      scheduleCron.value = current.schedule;
+      scheduleKeep.value = String(current.keep ?? 7);
+    }
+    scheduleFilled = true;
+    scheduleSave.disabled = Boolean(operation);
+    scheduleClear.disabled = Boolean(operation) || !current;
+    return h(
+      "div",
+      { class: "schedule" },
+      h(
+        "p",
+        { id: "snapshot-schedule", "data-schedule": current?.schedule ?? "" },
+        current ? `Scheduled snapshots: ${current.schedule} (UTC), keeping the newest ${current.keep ?? 7}.` : "No scheduled snapshots.",
+      ),
+      scheduleForm,
+      scheduleError,
+    );
+  };
   const backups = backupSection(namespace, name);
 
   const powerAction = (item: PowerButton): void => {
@@ -268,6 +332,7 @@ export const detailPage: Page = (root, [namespace, name]) => {
       ),
       h("div", { class: "toolbar", role: "toolbar", "aria-label": "Power" }, powerButtons, h("span", { class: "spacer" }), clusterButtons, deleteButton),
       progress,
+      importIndicator(vm.status, "vm-import"),
       vm.status.warnings?.length ? h("div", { class: "warning", role: "note" }, vm.status.warnings.map((warning) => h("p", {}, warning))) : null,
       h(
         "div",
@@ -319,6 +384,7 @@ export const detailPage: Page = (root, [namespace, name]) => {
         h("h2", { id: "snapshots-title" }, "Snapshots"),
         snapshotForm,
         snapshotError,
+        scheduleSection(vm),
         vm.snapshots.length
           ? h(
               "table",

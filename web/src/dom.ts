@@ -66,3 +66,27 @@ export function phaseBadge(phase: string): HTMLElement {
 export function spinner(label: string): HTMLElement {
   return h("span", { class: "spinner", role: "status", "aria-label": label });
 }
+
+/**
+ * The boot disk's import, when there is one to follow: a progress bar and "Importing disk: 42.0%"
+ * while it runs, the reason when it failed; `null` otherwise. `id` names the element for tests.
+ */
+export function importIndicator(
+  status: { import?: { state: string; progress?: string; percent?: number; message?: string } },
+  id?: string,
+): HTMLElement | null {
+  const disk = status.import;
+  if (!disk) return null;
+  if (disk.state === "Failed") {
+    return h("div", { class: "error import-failed", role: "alert", id, "data-state": disk.state }, "Disk import failed", disk.message ? `: ${disk.message}` : "");
+  }
+  const percent = disk.percent === undefined ? null : disk.percent;
+  const label = `Importing disk: ${percent === null ? disk.progress ?? "starting" : `${percent.toFixed(1)}%`}`;
+  return h(
+    "div",
+    { class: "import-progress", role: "status", id, "data-state": disk.state, title: disk.message ?? null },
+    h("progress", { max: 100, value: percent, "aria-label": "Disk import progress" }),
+    " ",
+    h("span", {}, label),
+  );
+}

@@ -2,7 +2,7 @@
 // start and stop, and screen thumbnails of running VMs.
 
 import { Vm, backend, describeError, power, screenshotUrl } from "./api";
-import { h, phaseBadge, replaceChildren, spinner, timeAgo } from "./dom";
+import { h, importIndicator, phaseBadge, replaceChildren, spinner, timeAgo } from "./dom";
 import { store } from "./store";
 import { Page, errorBox, toast } from "./ui";
 
@@ -193,7 +193,7 @@ export const listPage: Page = (root) => {
               h("td", {}, h("a", { href: detail, tabindex: -1 }, thumbnails.image(vm, render))),
               h("td", {}, h("a", { href: detail, class: "vm-name" }, vm.displayName ?? vm.name), vm.displayName ? h("div", { class: "muted" }, vm.name) : null),
               h("td", {}, vm.namespace),
-              h("td", {}, phaseBadge(vm.status.phase), vm.status.message ? h("div", { class: "muted small" }, vm.status.message) : null),
+              h("td", {}, phaseBadge(vm.status.phase), importIndicator(vm.status), vm.status.message && !vm.status.import ? h("div", { class: "muted small" }, vm.status.message) : null),
               h("td", {}, resourcesOf(vm)),
               h("td", {}, timeAgo(vm.createdAt)),
             );

@@ -5,9 +5,9 @@
 // The admin (a ServiceAccount bound to cluster-admin) signs in with a Kubernetes token (only the
 // console session token is kept), creates a VirtualMachineApp in the wizard, sees it Running,
 // reads a non-blank VNC canvas, filters the list, migrates, takes, restores and deletes a
-// snapshot. alice (a ServiceAccount without RBAC) sees the 403 explanation built from the API's
-// `permission` on the detail page and the console page, which does not connect; after a
-// RoleBinding she sees the VM and its screen, and a stop she may not do explains itself. The admin
+// snapshot, sets (after a refused invalid one) and clears a snapshot schedule. alice (a
+// ServiceAccount without RBAC) sees the 403 explanation built from the API's `permission` on the
+// detail page and the console page, which does not connect; after a RoleBinding she sees the VM and its screen, and a stop she may not do explains itself. The admin
 // deletes the VM. Before that the admin uploads the test disk on the "Upload disk" page (progress bar,
 // the server's confirmation, the DataVolume's phase until Succeeded). Screenshots go to
 // target/web-screenshots/kubernetes-*.png.
@@ -371,6 +371,26 @@ async function run(world) {
       await admin.locator('tr[data-snapshot="before-upgrade"] button[data-action=delete]').click();
       await admin.locator("dialog button", { hasText: "Delete snapshot" }).click();
       await admin.locator('tr[data-snapshot="before-upgrade"]').waitFor({ state: "detached", timeout: 120000 });
+    });
+
+    await timed("snapshot schedule: refused when invalid, set, in the app's spec, cleared", async () => {
+      await admin.locator("#snapshot-schedule", { hasText: "No scheduled snapshots." }).waitFor();
+      await admin.fill("#schedule-cron", "every night");
+      await admin.click("#schedule-save");
+      await admin.locator(".error", { hasText: "five-field cron expression" }).waitFor({ timeout: 30000 });
+      await admin.fill("#schedule-cron", "0 3 * * *");
+      await admin.fill("#schedule-keep", "3");
+      await admin.click("#schedule-save");
+      await admin.locator('#snapshot-schedule[data-schedule="0 3 * * *"]', { hasText: "keeping the newest 3" }).waitFor({ timeout: 30000 });
+      // The API (as the signed-in admin) shows it in the VirtualMachineApp's spec, which the operator runs.
+      const spec = await admin.evaluate(async (path) => {
+        const response = await fetch(path, { headers: { Authorization: `Bearer ${sessionStorage.getItem("paddock.token")}` } });
+        return (await response.json()).manifest;
+      }, `/api/v1/vms/${namespace}/${VM}`);
+      assert.equal(spec.kind, "VirtualMachineApp");
+      assert.deepEqual(spec.spec.snapshots, { schedule: "0 3 * * *", keep: 3 }, "the schedule is the app's spec.snapshots");
+      await admin.click("#schedule-clear");
+      await admin.locator("#snapshot-schedule", { hasText: "No scheduled snapshots." }).waitFor({ timeout: 30000 });
     });
 
     const alice = await (await browser.newContext({ viewport: { width: 1366, height: 768 } })).newPage();

@@ -327,6 +327,16 @@ fn route_table() -> Vec<RouteEntry> {
             put(restore_snapshot),
         ),
         entry(
+            Method::PUT,
+            "/api/v1/vms/{namespace}/{name}/snapshot-schedule",
+            put(set_snapshot_schedule),
+        ),
+        entry(
+            Method::DELETE,
+            "/api/v1/vms/{namespace}/{name}/snapshot-schedule",
+            delete(clear_snapshot_schedule),
+        ),
+        entry(
             Method::GET,
             "/api/v1/vms/{namespace}/{name}/screenshot",
             get(screenshot),
@@ -811,6 +821,63 @@ async fn vnc_console(
 
 async fn migrate_vm(Acting(backend): Acting, ApiPath(vm): ApiPath<VmPath>) -> Result<Response, ApiError> {
     Ok(Json(backend.migrate(vm.into()).await?).into_response())
+}
+
+/// The body of `PUT …/snapshot-schedule`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ScheduleRequest {
+    schedule: String,
+    #[serde(default)]
+    keep: Option<u32>,
+}
+
+/// Checks a schedule as the VirtualMachineApp's CRD does (five cron fields or an `@` macro, keep
+/// 1 to 1000), so the user gets a 422 that says what to write rather than the API server's rule.
+fn snapshot_policy(request: ScheduleRequest) -> Result<paddock_api::app::SnapshotPolicy, ApiError> {
+    let schedule = request.schedule.split_whitespace().collect::<Vec<_>>().join(" ");
+    let fields = schedule.split(' ').filter(|field| !field.is_empty()).count();
+    let macro_form = schedule.starts_with('@') && fields == 1;
+    if schedule.len() > 128 || !(fields == 5 || macro_form) {
+        return Err(BackendError::new(
+            crate::backend::ErrorKind::InvalidSpec,
+            format!(
+                "invalid snapshot schedule {:?}: write a five-field cron expression in UTC such as '0 3 * * *' (minute hour day-of-month month day-of-week) or a macro such as @daily",
+                request.schedule
+            ),
+        )
+        .into());
+    }
+    let keep = request.keep.unwrap_or(7);
+    if !(1..=1000).contains(&keep) {
+        return Err(BackendError::new(
+            crate::backend::ErrorKind::InvalidSpec,
+            format!("invalid snapshot schedule: keep is {keep}; keep between 1 and 1000 snapshots"),
+        )
+        .into());
+    }
+    Ok(paddock_api::app::SnapshotPolicy { schedule, keep })
+}
+
+async fn set_snapshot_schedule(
+    Acting(backend): Acting,
+    ApiPath(vm): ApiPath<VmPath>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: ScheduleRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!(
+            "the body is not a snapshot schedule ({error}); send JSON like {{\"schedule\": \"0 3 * * *\", \"keep\": 7}}"
+        ))
+    })?;
+    let policy = snapshot_policy(request)?;
+    Ok(Json(backend.set_snapshot_schedule(vm.into(), Some(policy)).await?).into_response())
+}
+
+async fn clear_snapshot_schedule(
+    Acting(backend): Acting,
+    ApiPath(vm): ApiPath<VmPath>,
+) -> Result<Response, ApiError> {
+    Ok(Json(backend.set_snapshot_schedule(vm.into(), None).await?).into_response())
 }
 
 async fn clone_vm(

@@ -279,7 +279,7 @@ pub struct ConsoleView {
 }
 
 /// The observed state of a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmStatusView {
     /// KubeVirt's printable status: Stopped, Starting, Running, Paused, Stopping,
@@ -306,6 +306,28 @@ pub struct VmStatusView {
     /// Things the user should know (e.g. software emulation).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The boot disk's import while it is under way or after it failed; absent once the disk is
+    /// imported, for disks that are never imported, and on backends without imports (local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<Box<ImportView>>,
+}
+
+/// The import of a VM's boot disk (Kubernetes: CDI's DataVolume, as the operator reports it in the
+/// VirtualMachineApp's status).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportView {
+    /// `Importing` while CDI copies the disk, `Failed` when the import failed.
+    pub state: String,
+    /// CDI's progress as it reports it, e.g. `42.50%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// The progress as a number from 0 to 100, when `progress` is a percentage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// What is happening, or why the import failed and what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// How a VM's last run ended.
@@ -632,6 +654,26 @@ pub trait Backend: Send + Sync + 'static {
                 ErrorKind::Unsupported,
                 format!(
                     "cannot migrate virtual machine {vm}: this backend ({}) runs VMs on one machine only",
+                    self.kind()
+                ),
+            ))
+        })
+    }
+
+    /// Sets (`Some`) or clears (`None`) the VM's snapshot schedule, the VirtualMachineApp's
+    /// `spec.snapshots` that the operator runs; the policy is validated by the caller. Not
+    /// implemented by default: schedules need the cluster's operator.
+    fn set_snapshot_schedule(
+        &self,
+        vm: VmRef,
+        policy: Option<paddock_api::app::SnapshotPolicy>,
+    ) -> BoxFuture<'_, BackendResult<VmView>> {
+        let _ = policy;
+        Box::pin(async move {
+            Err(BackendError::new(
+                ErrorKind::NotImplemented,
+                format!(
+                    "cannot schedule snapshots of virtual machine {vm}: schedules run in cluster mode (the paddock operator runs them); this backend ({}) takes snapshots on request only",
                     self.kind()
                 ),
             ))

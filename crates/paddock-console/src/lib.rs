@@ -35,7 +35,7 @@ pub use api::{Api, ErrorBody, KUBEVIRT_SUBPROTOCOL, ServedRoute, served_routes};
 pub use auth::{AccessToken, Authentication, Caller};
 pub use backend::{
     Backend, BackendError, BackendResult, BackupListRequest, BackupRequest, BackupView, ConsoleChannel,
-    ConsoleKind, ConsoleView, ErrorKind, EventView, HealthCheck, LastExitView, OperationPhase,
+    ConsoleKind, ConsoleView, ErrorKind, EventView, HealthCheck, ImportView, LastExitView, OperationPhase,
     OperationProgress, OperationView, Permission, PowerAction, RestoreRequest, SnapshotRequest, SnapshotView,
     UserInfo, VmRef, VmStatusView, VmView,
 };

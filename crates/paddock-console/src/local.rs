@@ -635,6 +635,8 @@ fn status_view(status: &VmStatus) -> VmStatusView {
         }),
         message: status.message.clone(),
         warnings: status.warnings.clone(),
+        // Local disks are converted before the VM is created; there is no import to follow.
+        import: None,
     }
 }
 

@@ -314,6 +314,41 @@ fn paths() -> Value {
             "responses": {"200": json_response("The VM", schema_ref("Vm")), "401": response_ref("Unauthorized"), "403": response_ref("Forbidden"), "404": response_ref("NotFound"), "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal")},
         }),
     );
+    let schedule_responses = json!({
+        "200": json_response("The VM; its manifest's spec.snapshots is the schedule in force", schema_ref("Vm")),
+        "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"),
+        "403": response_ref("Forbidden"), "404": response_ref("NotFound"),
+        "422": response_ref("Unprocessable"),
+        "501": json_response("The backend has no scheduler (local: schedules run in cluster mode); reason NotImplemented", schema_ref("Error")),
+        "500": response_ref("Internal"),
+    });
+    add(
+        "/api/v1/vms/{namespace}/{name}/snapshot-schedule",
+        "put",
+        json!({
+            "tags": ["snapshots"], "operationId": "setSnapshotSchedule",
+            "summary": "Set the VM's snapshot schedule (a merge patch of its VirtualMachineApp's spec.snapshots as the user; the operator takes and prunes the snapshots; cluster only). 403 names the missing patch permission; 422 for an invalid schedule or a VM without a VirtualMachineApp",
+            "parameters": vm_params(),
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["schedule"], "additionalProperties": false,
+                "properties": {
+                    "schedule": {"type": "string", "maxLength": 128, "description": "Five-field cron expression in UTC, e.g. `0 3 * * *`, or a macro such as `@daily`"},
+                    "keep": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 7, "description": "How many scheduled snapshots to keep"},
+                },
+            }}}},
+            "responses": schedule_responses.clone(),
+        }),
+    );
+    add(
+        "/api/v1/vms/{namespace}/{name}/snapshot-schedule",
+        "delete",
+        json!({
+            "tags": ["snapshots"], "operationId": "clearSnapshotSchedule",
+            "summary": "Clear the VM's snapshot schedule (removes its VirtualMachineApp's spec.snapshots; snapshots already taken stay; cluster only)",
+            "parameters": vm_params(),
+            "responses": schedule_responses,
+        }),
+    );
     add(
         "/api/v1/vms/{namespace}/{name}/clone",
         "post",
@@ -697,6 +732,16 @@ fn base_schemas() -> Value {
                 },
                 "message": {"type": "string"},
                 "warnings": {"type": "array", "items": {"type": "string"}},
+                "import": {
+                    "type": "object", "required": ["state"],
+                    "description": "The boot disk's import (Kubernetes: CDI, as the operator reports it in the VirtualMachineApp's status) while under way or after it failed; absent once imported, for disks never imported, and on the local backend",
+                    "properties": {
+                        "state": {"type": "string", "enum": ["Importing", "Failed"]},
+                        "progress": {"type": "string", "description": "CDI's progress as reported, e.g. 42.50%"},
+                        "percent": {"type": "number", "minimum": 0, "maximum": 100, "description": "The progress as a number, when it is a percentage"},
+                        "message": {"type": "string", "description": "What is happening, or why the import failed and what to do"},
+                    },
+                },
             },
         },
         "Snapshot": {

@@ -831,3 +831,53 @@ async fn uploads_are_for_cluster_mode() {
         .unwrap();
     expect_error(response, 501, "NotImplemented", "upload is for cluster mode").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_schedules_are_checked_and_run_in_cluster_mode() {
+    let (_scratch, state) = scratch("api-schedule");
+    let server = Server::start(&state, None).await;
+    let path = "/api/v1/vms/default/any/snapshot-schedule";
+    let put = |body: &'static str| {
+        server
+            .request(reqwest::Method::PUT, path)
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+    };
+    // The schedule is checked before any backend sees it, so every backend answers alike.
+    expect_error(
+        put(r#"{"schedule": "every night"}"#).await.unwrap(),
+        422,
+        "InvalidSpec",
+        "five-field cron expression",
+    )
+    .await;
+    expect_error(
+        put(r#"{"schedule": "0 3 * * *", "keep": 0}"#).await.unwrap(),
+        422,
+        "InvalidSpec",
+        "between 1 and 1000",
+    )
+    .await;
+    expect_error(
+        put(r#"{"cron": "0 3 * * *"}"#).await.unwrap(),
+        400,
+        "BadRequest",
+        "not a snapshot schedule",
+    )
+    .await;
+    // A valid schedule (or clearing one) needs the operator: the local backend says so.
+    expect_error(
+        put(r#"{"schedule": "@daily", "keep": 3}"#).await.unwrap(),
+        501,
+        "NotImplemented",
+        "schedules run in cluster mode",
+    )
+    .await;
+    let response = server
+        .request(reqwest::Method::DELETE, path)
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 501, "NotImplemented", "schedules run in cluster mode").await;
+}

@@ -1526,6 +1526,42 @@ impl Backend for UserBackend {
         })
     }
 
+    fn set_snapshot_schedule(
+        &self,
+        vm: VmRef,
+        policy: Option<paddock_api::app::SnapshotPolicy>,
+    ) -> BoxFuture<'_, BackendResult<VmView>> {
+        Box::pin(async move {
+            let objects = self.visible(&vm).await?;
+            let Some(app) = objects.managing_app() else {
+                return Err(BackendError::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "cannot schedule snapshots of virtual machine {vm}: it is not managed by a VirtualMachineApp, and only the paddock operator runs schedules; take snapshots on request instead"
+                    ),
+                ));
+            };
+            // A merge patch with null removes the field: clearing means no scheduled snapshots.
+            let snapshots = match &policy {
+                Some(policy) => serde_json::to_value(policy).map_err(|error| {
+                    BackendError::new(
+                        ErrorKind::Internal,
+                        format!("cannot encode the snapshot schedule: {error}"),
+                    )
+                })?,
+                None => Value::Null,
+            };
+            self.merge_patch(
+                &Kind::App.resource(),
+                &vm.namespace,
+                &app,
+                &json!({"spec": {"snapshots": snapshots}}),
+            )
+            .await?;
+            self.settled_view(&vm, &objects).await
+        })
+    }
+
     fn upload_disk(
         &self,
         request: UploadRequest,

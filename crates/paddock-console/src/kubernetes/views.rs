@@ -11,7 +11,7 @@ use std::sync::Arc;
 use kube::api::DynamicObject;
 use serde_json::Value;
 
-use crate::backend::{ConsoleView, SnapshotView, VmStatusView, VmView};
+use crate::backend::{ConsoleView, ImportView, SnapshotView, VmStatusView, VmView};
 
 /// The kind of paddock's app, as owner references name it.
 pub const APP_KIND: &str = "VirtualMachineApp";
@@ -167,11 +167,13 @@ pub fn status_view(objects: &VmObjects) -> VmStatusView {
         last_exit: None,
         message: None,
         warnings: Vec::new(),
+        import: None,
     };
     let app_status = objects
         .app
         .as_ref()
         .and_then(|app| app.data.get("status").cloned());
+    status.import = app_status.as_ref().and_then(import_view).map(Box::new);
     match &objects.vm {
         Some(vm) => {
             status.phase = text(vm, "/status/printableStatus").unwrap_or_else(|| "Stopped".to_string());
@@ -226,6 +228,45 @@ pub fn status_view(objects: &VmObjects) -> VmStatusView {
             .map(str::to_string);
     }
     status
+}
+
+/// The boot disk's import from the VirtualMachineApp's status: the operator's `DiskReady`
+/// condition says whether CDI is importing (`Importing`) or failed (`ImportFailed`), and
+/// `importProgress` carries CDI's percentage. `None` when there is nothing to follow (imported,
+/// ephemeral, or no status yet).
+pub fn import_view(app_status: &Value) -> Option<ImportView> {
+    let disk_ready = app_status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|condition| condition["type"] == paddock_api::app::condition::DISK_READY);
+    let reason = disk_ready.and_then(|condition| condition["reason"].as_str());
+    let message = disk_ready
+        .and_then(|condition| condition["message"].as_str())
+        .filter(|message| !message.is_empty())
+        .map(str::to_string);
+    let progress = app_status["importProgress"]
+        .as_str()
+        .filter(|progress| !progress.is_empty())
+        .map(str::to_string);
+    let state = match reason {
+        Some("ImportFailed") => "Failed",
+        Some("Importing") => "Importing",
+        // An older operator may report the progress without the condition.
+        None if progress.is_some() => "Importing",
+        _ => return None,
+    };
+    let percent = progress
+        .as_deref()
+        .and_then(|progress| progress.trim().trim_end_matches('%').trim().parse::<f64>().ok())
+        .filter(|percent| percent.is_finite())
+        .map(|percent| percent.clamp(0.0, 100.0));
+    Some(ImportView {
+        state: state.to_string(),
+        progress,
+        percent,
+        message,
+    })
 }
 
 /// The API's view of a VirtualMachineSnapshot. KubeVirt snapshots hold disks only, so `memory`
@@ -327,6 +368,51 @@ mod tests {
         assert!(view.console.vnc && !view.console.serial);
         assert_eq!(view.manifest["kind"], "VirtualMachineApp");
         assert_eq!(objects.managing_app().as_deref(), Some("demo"));
+    }
+
+    #[test]
+    fn the_import_follows_the_disk_ready_condition_and_the_progress() {
+        let importing = import_view(&serde_json::json!({
+            "importProgress": "42.0%",
+            "conditions": [{"type": "DiskReady", "status": "False", "reason": "Importing", "message": "CDI is importing the disk: phase ImportInProgress, 42.0%"}],
+        }))
+        .unwrap();
+        assert_eq!(importing.state, "Importing");
+        assert_eq!(importing.progress.as_deref(), Some("42.0%"));
+        assert_eq!(importing.percent, Some(42.0));
+        assert!(importing.message.unwrap().contains("ImportInProgress"));
+
+        let failed = import_view(&serde_json::json!({
+            "conditions": [{"type": "DiskReady", "status": "False", "reason": "ImportFailed", "message": "Unable to connect to http data source: 404"}],
+        }))
+        .unwrap();
+        assert_eq!(failed.state, "Failed");
+        assert_eq!(failed.percent, None);
+        assert_eq!(
+            failed.message.as_deref(),
+            Some("Unable to connect to http data source: 404")
+        );
+
+        let imported = serde_json::json!({
+            "importProgress": "100.0%",
+            "conditions": [{"type": "DiskReady", "status": "True", "reason": "Imported", "message": "the disk has been imported"}],
+        });
+        assert_eq!(import_view(&imported), None);
+        assert_eq!(
+            import_view(&serde_json::json!({"importProgress": "N/A"}))
+                .unwrap()
+                .percent,
+            None
+        );
+
+        // The VM view carries it whether or not the VirtualMachine exists yet.
+        let objects = VmObjects {
+            app: Some(app("Always")),
+            vm: Some(vm(true, "Always", "Provisioning")),
+            ..VmObjects::default()
+        };
+        let view = vm_view("vms", "demo", &objects).unwrap();
+        assert_eq!(view.status.import.unwrap().percent, Some(42.0));
     }
 
     #[test]
