@@ -27,14 +27,12 @@ use paddock_local::backup::{
 use paddock_local::{Runtime, RuntimeError, RuntimeOptions, VmId};
 use paddock_oci::ImageOptions;
 use paddock_oci::backup::{BackupEntry, inspect_backup, list_backups};
-use paddock_oci::registry::{
-    BlobPhase, BlobProgress, Credentials, PushOptions, RegistryOptions, TransferProgress,
-};
+use paddock_oci::registry::{BlobProgress, Credentials, PushOptions, RegistryOptions, TransferProgress};
 use serde::Serialize;
 
 use crate::package::LayerCompression;
 use crate::progress::{Bars, OutputFlags};
-use crate::registry_flags::RegistryFlags;
+use crate::registry_flags::{RegistryFlags, show_blob_progress};
 
 /// `paddock backup`.
 #[derive(Debug, Args)]
@@ -243,31 +241,7 @@ struct BackupBars {
 
 impl TransferProgress for BackupBars {
     fn blob(&self, progress: &BlobProgress<'_>) -> ControlFlow<()> {
-        let Ok(mut active) = self.blobs.lock() else {
-            return ControlFlow::Continue(());
-        };
-        let short = progress
-            .digest
-            .trim_start_matches("sha256:")
-            .get(..12)
-            .unwrap_or(progress.digest);
-        match progress.phase {
-            BlobPhase::Skipped => self
-                .bars
-                .println(&format!("push {short}: already in the registry, skipped")),
-            BlobPhase::Started | BlobPhase::Transferring => {
-                active
-                    .entry(progress.digest.to_owned())
-                    .or_insert_with(|| self.bars.bytes("push", progress.size))
-                    .set_position(progress.done);
-            }
-            BlobPhase::Finished => {
-                if let Some(bar) = active.remove(progress.digest) {
-                    bar.finish_and_clear();
-                }
-            }
-        }
-        ControlFlow::Continue(())
+        show_blob_progress(&self.bars, "push", &self.blobs, progress)
     }
 }
 
@@ -357,27 +331,7 @@ async fn run_create(arguments: &CreateArgs) -> anyhow::Result<()> {
         blobs_resumed: report.push.blobs_resumed,
         bytes_resumed: report.push.bytes_resumed,
     };
-    if arguments.output_flags.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        println!(
-            "backed up {} ({}) as {}",
-            summary.vm, summary.phase, summary.reference
-        );
-        println!(
-            "  restore with: paddock backup restore {}",
-            summary.pinned_reference
-        );
-        println!(
-            "  {} blobs uploaded ({} bytes, {} resumed), {} already there ({} bytes)",
-            summary.blobs_uploaded,
-            summary.bytes_uploaded,
-            summary.blobs_resumed,
-            summary.blobs_skipped,
-            summary.bytes_skipped
-        );
-    }
-    Ok(())
+    print_create_summary(&summary, arguments.output_flags.json)
 }
 
 async fn run_cluster_create(arguments: &CreateArgs, registry: RegistryOptions) -> anyhow::Result<()> {

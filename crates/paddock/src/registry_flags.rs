@@ -133,35 +133,43 @@ struct BlobBars<'a> {
 
 impl TransferProgress for BlobBars<'_> {
     fn blob(&self, progress: &BlobProgress<'_>) -> ControlFlow<()> {
-        let Ok(mut active) = self.active.lock() else {
-            return ControlFlow::Continue(());
-        };
-        let short = progress
-            .digest
-            .trim_start_matches("sha256:")
-            .get(..12)
-            .unwrap_or(progress.digest);
-        match progress.phase {
-            BlobPhase::Skipped => {
-                self.bars.println(&format!(
-                    "{} {short}: already in the registry, skipped",
-                    self.verb
-                ));
-            }
-            BlobPhase::Started | BlobPhase::Transferring => {
-                let bar = active
-                    .entry(progress.digest.to_owned())
-                    .or_insert_with(|| self.bars.bytes(self.verb, progress.size));
-                bar.set_position(progress.done);
-            }
-            BlobPhase::Finished => {
-                if let Some(bar) = active.remove(progress.digest) {
-                    bar.finish_and_clear();
-                }
+        show_blob_progress(self.bars, self.verb, &self.active, progress)
+    }
+}
+
+/// Shows one blob's transfer: a byte bar per blob in `active` while it moves, a line when the
+/// registry already had it. Shared by every command that pushes or pulls blobs.
+pub(crate) fn show_blob_progress(
+    bars: &Bars,
+    verb: &str,
+    active: &Mutex<HashMap<String, ProgressBar>>,
+    progress: &BlobProgress<'_>,
+) -> ControlFlow<()> {
+    let Ok(mut active) = active.lock() else {
+        return ControlFlow::Continue(());
+    };
+    let short = progress
+        .digest
+        .trim_start_matches("sha256:")
+        .get(..12)
+        .unwrap_or(progress.digest);
+    match progress.phase {
+        BlobPhase::Skipped => {
+            bars.println(&format!("{verb} {short}: already in the registry, skipped"));
+        }
+        BlobPhase::Started | BlobPhase::Transferring => {
+            let bar = active
+                .entry(progress.digest.to_owned())
+                .or_insert_with(|| bars.bytes(verb, progress.size));
+            bar.set_position(progress.done);
+        }
+        BlobPhase::Finished => {
+            if let Some(bar) = active.remove(progress.digest) {
+                bar.finish_and_clear();
             }
         }
-        ControlFlow::Continue(())
     }
+    ControlFlow::Continue(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
