@@ -31,6 +31,8 @@ use paddock_oci::registry::{BlobProgress, Credentials, PushOptions, RegistryOpti
 use serde::Serialize;
 
 use crate::package::LayerCompression;
+use paddock_cluster::backup::BackupStage as ClusterBackupStage;
+
 use crate::progress::{Bars, OutputFlags};
 use crate::registry_flags::{RegistryFlags, show_blob_progress};
 
@@ -263,11 +265,52 @@ impl BackupProgress for BackupBars {
     }
 
     fn built(&self, bytes: u64) {
+        self.advance(bytes);
+    }
+}
+
+impl BackupBars {
+    fn new(bars: Arc<Bars>) -> BackupBars {
+        BackupBars {
+            bars,
+            build: Mutex::new(None),
+            blobs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
         if let Ok(build) = self.build.lock()
             && let Some(bar) = build.as_ref()
         {
             bar.inc(bytes);
         }
+    }
+}
+
+impl paddock_cluster::backup::BackupProgress for BackupBars {
+    fn stage(&self, stage: ClusterBackupStage) {
+        let Ok(mut current) = self.build.lock() else {
+            return;
+        };
+        if let Some(bar) = current.take() {
+            bar.finish_and_clear();
+        }
+        match stage {
+            ClusterBackupStage::Downloading { total } => *current = Some(self.bars.bytes("download", total)),
+            ClusterBackupStage::Building { total } => *current = Some(self.bars.bytes("compress", total)),
+            ClusterBackupStage::Converting => self.bars.println("converting the disk to qcow2"),
+            ClusterBackupStage::Snapshotting
+            | ClusterBackupStage::Exporting
+            | ClusterBackupStage::Pushing => {}
+        }
+    }
+
+    fn advanced(&self, bytes: u64) {
+        self.advance(bytes);
+    }
+
+    fn message(&self, text: &str) {
+        self.bars.println(text);
     }
 }
 
@@ -308,11 +351,7 @@ async fn run_create(arguments: &CreateArgs) -> anyhow::Result<()> {
             ..ImageOptions::default()
         },
     };
-    let progress = Arc::new(BackupBars {
-        bars: Arc::new(arguments.output_flags.bars()),
-        build: Mutex::new(None),
-        blobs: Mutex::new(HashMap::new()),
-    });
+    let progress = Arc::new(BackupBars::new(Arc::new(arguments.output_flags.bars())));
     let report = backup(&runtime, &id, &options, progress)
         .await
         .with_context(|| format!("cannot back up virtual machine {id} to {}", arguments.repository))?;
@@ -336,7 +375,7 @@ async fn run_create(arguments: &CreateArgs) -> anyhow::Result<()> {
 
 async fn run_cluster_create(arguments: &CreateArgs, registry: RegistryOptions) -> anyhow::Result<()> {
     let client = arguments.cluster.client().await?;
-    let options = ClusterBackupOptions {
+    let options = paddock_cluster::backup::BackupOptions {
         repository: arguments.repository.clone(),
         push: PushOptions {
             registry,
@@ -347,16 +386,12 @@ async fn run_cluster_create(arguments: &CreateArgs, registry: RegistryOptions) -
             compression: arguments.compression.into(),
             ..ImageOptions::default()
         },
-        link: arguments.export_link,
+        link: arguments.export_link.into(),
+        scratch_parent: None,
     };
-    let bars = Arc::new(arguments.output_flags.bars());
-    let progress = Arc::new(BackupBars {
-        bars: Arc::clone(&bars),
-        build: Mutex::new(None),
-        blobs: Mutex::new(HashMap::new()),
-    });
+    let progress = Arc::new(BackupBars::new(Arc::new(arguments.output_flags.bars())));
     let namespace = &arguments.local.namespace;
-    let report = cluster_backup(&client, namespace, &arguments.vm, &options, &bars, progress)
+    let report = paddock_cluster::backup::backup(&client, namespace, &arguments.vm, &options, progress)
         .await
         .with_context(|| {
             format!(
@@ -509,7 +544,7 @@ async fn run_restore(arguments: &RestoreArgs) -> anyhow::Result<()> {
     }
     if arguments.cluster.enabled() {
         let client = arguments.cluster.client().await?;
-        cluster_restore(&client, &app, arguments.replace)
+        paddock_cluster::backup::restore(&client, &app, arguments.replace)
             .await
             .with_context(|| format!("cannot restore {}", entry.pinned_reference))?;
         let summary = RestoreSummary {
@@ -626,543 +661,11 @@ pub(crate) enum ExportLink {
     Internal,
 }
 
-/// How long a cluster backup waits for the snapshot and then the export to be ready.
-const CLUSTER_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
-
-fn api_resource(group: &str, version: &str, kind: &str, plural: &str) -> kube::api::ApiResource {
-    kube::api::ApiResource {
-        group: group.to_owned(),
-        version: version.to_owned(),
-        api_version: if group.is_empty() {
-            version.to_owned()
-        } else {
-            format!("{group}/{version}")
-        },
-        kind: kind.to_owned(),
-        plural: plural.to_owned(),
-    }
-}
-
-type Dynamic = kube::Api<kube::api::DynamicObject>;
-
-/// The namespaced APIs a cluster backup or restore uses.
-pub(crate) struct ClusterApis {
-    pub(crate) apps: Dynamic,
-    pub(crate) machines: Dynamic,
-    pub(crate) instances: Dynamic,
-    pub(crate) data_volumes: Dynamic,
-    snapshots: Dynamic,
-    exports: Dynamic,
-    secrets: Dynamic,
-}
-
-impl ClusterApis {
-    /// The APIs in `namespace`.
-    pub(crate) fn new(client: &kube::Client, namespace: &str) -> ClusterApis {
-        let api =
-            |resource: kube::api::ApiResource| Dynamic::namespaced_with(client.clone(), namespace, &resource);
-        ClusterApis {
-            apps: api(api_resource(
-                "paddock.dev",
-                "v1alpha1",
-                "VirtualMachineApp",
-                "virtualmachineapps",
-            )),
-            machines: api(api_resource(
-                "kubevirt.io",
-                "v1",
-                "VirtualMachine",
-                "virtualmachines",
-            )),
-            instances: api(api_resource(
-                "kubevirt.io",
-                "v1",
-                "VirtualMachineInstance",
-                "virtualmachineinstances",
-            )),
-            data_volumes: api(api_resource(
-                "cdi.kubevirt.io",
-                "v1beta1",
-                "DataVolume",
-                "datavolumes",
-            )),
-            snapshots: api(api_resource(
-                "snapshot.kubevirt.io",
-                "v1beta1",
-                "VirtualMachineSnapshot",
-                "virtualmachinesnapshots",
-            )),
-            exports: api(api_resource(
-                "export.kubevirt.io",
-                "v1beta1",
-                "VirtualMachineExport",
-                "virtualmachineexports",
-            )),
-            secrets: api(api_resource("", "v1", "Secret", "secrets")),
+impl From<ExportLink> for paddock_cluster::backup::ExportLink {
+    fn from(link: ExportLink) -> Self {
+        match link {
+            ExportLink::External => paddock_cluster::backup::ExportLink::External,
+            ExportLink::Internal => paddock_cluster::backup::ExportLink::Internal,
         }
-    }
-}
-
-/// What a cluster backup needs besides the cluster.
-pub(crate) struct ClusterBackupOptions {
-    /// `registry/repository`.
-    pub(crate) repository: String,
-    /// Registry access and chunking.
-    pub(crate) push: PushOptions,
-    /// Layer compression.
-    pub(crate) image: ImageOptions,
-    /// Which export link to read.
-    pub(crate) link: ExportLink,
-}
-
-/// What a cluster backup did (the local backup's report fields that apply).
-pub(crate) struct ClusterBackupReport {
-    pub(crate) reference: String,
-    pub(crate) pinned_reference: String,
-    pub(crate) digest: String,
-    pub(crate) layer_digest: String,
-    pub(crate) running: bool,
-    pub(crate) info: paddock_oci::backup::BackupInfo,
-    pub(crate) push: paddock_oci::registry::PushReport,
-}
-
-/// The VirtualMachineApp a plain KubeVirt VM is backed up as: its name, namespace, labels and
-/// annotations, CPU cores (`domain.cpu.cores`), memory (`domain.memory.guest`, else the memory
-/// request), run strategy (or `running`), and a disk of `disk_size` bytes; the image is set by the
-/// restore. Everything else (devices, networks, further volumes, instancetypes, cloud-init) is not
-/// carried.
-fn definition_of_machine(
-    machine: &kube::api::DynamicObject,
-    disk_size: u64,
-) -> anyhow::Result<paddock_api::app::VirtualMachineApp> {
-    let spec = &machine.data["spec"];
-    let domain = &spec["template"]["spec"]["domain"];
-    let memory = domain["memory"]["guest"]
-        .as_str()
-        .or_else(|| domain["resources"]["requests"]["memory"].as_str());
-    let run_strategy = spec["runStrategy"]
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            if spec["running"].as_bool() == Some(true) {
-                "Always".to_owned()
-            } else {
-                "Halted".to_owned()
-            }
-        });
-    let mut resources = serde_json::json!({ "cpu": domain["cpu"]["cores"].as_u64().unwrap_or(1) });
-    if let Some(memory) = memory {
-        resources["memory"] = serde_json::json!(memory);
-    }
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "paddock.dev/v1alpha1",
-        "kind": "VirtualMachineApp",
-        "metadata": {
-            "name": machine.metadata.name,
-            "namespace": machine.metadata.namespace,
-            "labels": machine.metadata.labels,
-            "annotations": machine.metadata.annotations,
-        },
-        "spec": {
-            "image": {"containerDisk": "restore-sets-this"},
-            "resources": resources,
-            "disk": {"size": disk_size.to_string()},
-            "runStrategy": run_strategy,
-        },
-    }))
-    .context("cannot express the KubeVirt VM as a VirtualMachineApp")
-}
-
-/// Waits until `ready` says the object is ready (`Ok(true)`) or failed (`Err`).
-async fn wait_for(
-    api: &Dynamic,
-    name: &str,
-    what: &str,
-    ready: impl Fn(&kube::api::DynamicObject) -> anyhow::Result<bool>,
-) -> anyhow::Result<kube::api::DynamicObject> {
-    let deadline = std::time::Instant::now() + CLUSTER_WAIT;
-    loop {
-        let object = api
-            .get_opt(name)
-            .await
-            .with_context(|| format!("cannot read {what} {name}"))?;
-        if let Some(object) = object {
-            if ready(&object)? {
-                return Ok(object);
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "{what} {name} is not ready after {} s: {}; check the KubeVirt controllers",
-                    CLUSTER_WAIT.as_secs(),
-                    serde_json::to_string(&object.data["status"]).unwrap_or_default()
-                );
-            }
-        } else if std::time::Instant::now() > deadline {
-            bail!("{what} {name} does not exist");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-}
-
-/// Backs up VirtualMachineApp (or KubeVirt VM) `namespace/name`: snapshot when it runs, export,
-/// download the disk, build and push the backup image; the export and snapshot are deleted
-/// afterwards whatever happened.
-pub(crate) async fn cluster_backup(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-    options: &ClusterBackupOptions,
-    bars: &Bars,
-    progress: Arc<dyn TransferProgress>,
-) -> anyhow::Result<ClusterBackupReport> {
-    let apis = ClusterApis::new(client, namespace);
-    let app = apis
-        .apps
-        .get_opt(name)
-        .await
-        .with_context(|| format!("cannot read VirtualMachineApp {namespace}/{name}"))?;
-    let machine = apis
-        .machines
-        .get_opt(name)
-        .await
-        .with_context(|| format!("cannot read VirtualMachine {namespace}/{name}"))?;
-    let Some(machine) = machine else {
-        bail!(
-            "there is no KubeVirt VirtualMachine {namespace}/{name}{}; check the name and --namespace",
-            if app.is_some() {
-                " (its VirtualMachineApp exists: wait until the operator created the VM)"
-            } else {
-                " and no VirtualMachineApp"
-            }
-        );
-    };
-    let running = apis
-        .instances
-        .get_opt(name)
-        .await
-        .with_context(|| format!("cannot read VirtualMachineInstance {namespace}/{name}"))?
-        .is_some();
-    let (created, created_tag) = paddock_oci::backup::utc_timestamp(std::time::SystemTime::now());
-    let object_name = {
-        let mut object_name = format!("{name}-backup-{}", created_tag.to_lowercase());
-        object_name.truncate(52);
-        object_name.trim_end_matches('-').to_owned()
-    };
-    let scratch = tempfile::Builder::new()
-        .prefix("paddock-cluster-backup-")
-        .tempdir()
-        .context("cannot create a scratch directory for the disk")?;
-    let result = cluster_backup_in(
-        &apis,
-        (namespace, name, &object_name, &created, &created_tag),
-        (app, &machine, running),
-        options,
-        scratch.path(),
-        bars,
-        progress,
-    )
-    .await;
-    // Clean up whatever was created, also after a failure.
-    let delete = kube::api::DeleteParams::default();
-    let mut leftovers = Vec::new();
-    if let Err(error) = apis.exports.delete(&object_name, &delete).await
-        && !matches!(&error, kube::Error::Api(response) if response.code == 404)
-    {
-        leftovers.push(format!("VirtualMachineExport {namespace}/{object_name}: {error}"));
-    }
-    if running
-        && let Err(error) = apis.snapshots.delete(&object_name, &delete).await
-        && !matches!(&error, kube::Error::Api(response) if response.code == 404)
-    {
-        leftovers.push(format!(
-            "VirtualMachineSnapshot {namespace}/{object_name}: {error}"
-        ));
-    }
-    if !leftovers.is_empty() {
-        bars.println(&format!(
-            "warning: cannot delete {}; delete it with kubectl",
-            leftovers.join(", ")
-        ));
-    }
-    result
-}
-
-async fn cluster_backup_in(
-    apis: &ClusterApis,
-    (namespace, name, object_name, created, created_tag): (&str, &str, &str, &str, &str),
-    (app, machine, running): (Option<kube::api::DynamicObject>, &kube::api::DynamicObject, bool),
-    options: &ClusterBackupOptions,
-    scratch: &std::path::Path,
-    bars: &Bars,
-    progress: Arc<dyn TransferProgress>,
-) -> anyhow::Result<ClusterBackupReport> {
-    let post = kube::api::PostParams::default();
-    let source = if running {
-        bars.println(&format!(
-            "{namespace}/{name} is running: taking VirtualMachineSnapshot {object_name}"
-        ));
-        let snapshot: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
-            "apiVersion": "snapshot.kubevirt.io/v1beta1",
-            "kind": "VirtualMachineSnapshot",
-            "metadata": {"name": object_name, "labels": {"paddock.dev/backup-of": name}},
-            "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": name}},
-        }))?;
-        apis.snapshots
-            .create(&post, &snapshot)
-            .await
-            .with_context(|| format!("cannot create VirtualMachineSnapshot {namespace}/{object_name}"))?;
-        wait_for(&apis.snapshots, object_name, "VirtualMachineSnapshot", |object| {
-            let status = &object.data["status"];
-            if status["phase"] == "Failed" {
-                bail!(
-                    "VirtualMachineSnapshot {object_name} failed: {}",
-                    serde_json::to_string(&status["error"]).unwrap_or_default()
-                );
-            }
-            Ok(status["readyToUse"].as_bool() == Some(true))
-        })
-        .await?;
-        serde_json::json!({"apiGroup": "snapshot.kubevirt.io", "kind": "VirtualMachineSnapshot", "name": object_name})
-    } else {
-        serde_json::json!({"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": name})
-    };
-    bars.println(&format!(
-        "exporting the disk (VirtualMachineExport {object_name})"
-    ));
-    let export: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
-        "apiVersion": "export.kubevirt.io/v1beta1",
-        "kind": "VirtualMachineExport",
-        "metadata": {"name": object_name, "labels": {"paddock.dev/backup-of": name}},
-        "spec": {"source": source, "ttlDuration": "1h"},
-    }))?;
-    apis.exports
-        .create(&post, &export)
-        .await
-        .with_context(|| format!("cannot create VirtualMachineExport {namespace}/{object_name}"))?;
-    let export = wait_for(&apis.exports, object_name, "VirtualMachineExport", |object| {
-        Ok(object.data["status"]["phase"] == "Ready")
-    })
-    .await?;
-    let status = &export.data["status"];
-    let token_secret = status["tokenSecretRef"]
-        .as_str()
-        .context("the export is Ready but names no token secret (status.tokenSecretRef)")?;
-    let secret = apis
-        .secrets
-        .get(token_secret)
-        .await
-        .with_context(|| format!("cannot read the export token Secret {namespace}/{token_secret}"))?;
-    let token = secret.data["data"]["token"]
-        .as_str()
-        .context("the export token Secret has no `token`")
-        .and_then(|encoded| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .context("the export token is not base64")
-        })?;
-    let token = String::from_utf8(token).context("the export token is not text")?;
-    let link_kind = match options.link {
-        ExportLink::External => "external",
-        ExportLink::Internal => "internal",
-    };
-    let link = &status["links"][link_kind];
-    let volumes = link["volumes"].as_array().with_context(|| {
-        format!("the export has no {link_kind} link; try --export-link internal (from inside the cluster) or configure KubeVirt's export proxy ingress")
-    })?;
-    let preferred = format!("{name}-disk");
-    let volume = volumes
-        .iter()
-        .find(|volume| volume["name"] == preferred.as_str())
-        .or_else(|| volumes.first())
-        .context("the export lists no volume")?;
-    let url = volume["formats"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|format| format["format"] == "raw")
-        .and_then(|format| format["url"].as_str())
-        .context("the export offers no raw (disk.img) format for the volume")?;
-    let mut http = reqwest::Client::builder()
-        .user_agent(concat!("paddock/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(std::time::Duration::from_secs(30))
-        .read_timeout(std::time::Duration::from_secs(300));
-    if let Some(certificate) = link["cert"].as_str().filter(|text| !text.is_empty()) {
-        let certificates = reqwest::Certificate::from_pem_bundle(certificate.as_bytes())
-            .context("the export link's cert is not PEM")?;
-        http = http.tls_certs_merge(certificates);
-    }
-    let http = http
-        .build()
-        .context("cannot set up the HTTP client for the export")?;
-    let response = http
-        .get(url)
-        .header("x-kubevirt-export-token", &token)
-        .send()
-        .await
-        .with_context(|| format!("cannot download {url}"))?;
-    if !response.status().is_success() {
-        let code = response.status();
-        let body = response.text().await.unwrap_or_default();
-        bail!("the export server answered {code} for {url}: {}", body.trim());
-    }
-    let raw_path = scratch.join("disk.img");
-    let bar = bars.bytes("download", response.content_length().unwrap_or(0));
-    {
-        use futures_util::StreamExt;
-        use tokio::io::AsyncWriteExt;
-        let mut file = tokio::fs::File::create(&raw_path)
-            .await
-            .with_context(|| format!("cannot create {}", raw_path.display()))?;
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.with_context(|| format!("the download of {url} broke off; run the backup again"))?;
-            file.write_all(&chunk)
-                .await
-                .with_context(|| format!("cannot write {}; check free space", raw_path.display()))?;
-            bar.inc(chunk.len() as u64);
-        }
-        file.flush().await?;
-    }
-    bar.finish_and_clear();
-    let virtual_size = std::fs::metadata(&raw_path)?.len();
-    // Only allocated clusters are kept, as a local backup's flattened qcow2.
-    let disk = scratch.join("disk.qcow2");
-    let output = tokio::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw_path)
-        .arg(&disk)
-        .output()
-        .await
-        .context("cannot run qemu-img; install qemu-utils")?;
-    if !output.status.success() {
-        bail!(
-            "qemu-img convert of the exported disk failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let _ = std::fs::remove_file(&raw_path);
-    let definition = match app {
-        Some(app) => serde_json::from_value(serde_json::to_value(&app)?)
-            .context("the VirtualMachineApp does not parse")?,
-        None => definition_of_machine(machine, virtual_size)?,
-    };
-    let repository = paddock_api::image_reference::ImageReference::parse(&options.repository)
-        .with_context(|| format!("invalid repository {}", options.repository))?
-        .name();
-    let tag = paddock_oci::backup::backup_tag(name, created_tag);
-    let reference = format!("{repository}:{tag}");
-    let info = paddock_oci::backup::BackupInfo {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-        created: created.to_owned(),
-        disk_virtual_size: virtual_size,
-        definition: paddock_oci::backup::portable_definition(&definition),
-    };
-    let image_options = ImageOptions {
-        tag: tag.clone(),
-        reference: Some(reference.clone()),
-        ..options.image.clone()
-    };
-    let layout = scratch.join("layout");
-    let disk_bytes = std::fs::metadata(&disk)?.len();
-    let build_bar = bars.bytes("compress", disk_bytes);
-    let built = {
-        let (layout, info, build_bar) = (layout.clone(), info.clone(), build_bar.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut report = |bytes: u64| build_bar.inc(bytes);
-            paddock_oci::backup::build_backup_layout(&disk, &layout, &info, &image_options, &mut report)
-        })
-        .await
-        .context("the image build task failed")??
-    };
-    build_bar.finish_and_clear();
-    let push_options = PushOptions {
-        image: None,
-        ..options.push.clone()
-    };
-    let report = paddock_oci::registry::push(&layout, &reference, &push_options, progress.as_ref())
-        .await
-        .with_context(|| format!("cannot push the backup to {reference}; run the backup again"))?;
-    Ok(ClusterBackupReport {
-        pinned_reference: format!("{repository}@{}", built.manifest_digest),
-        reference,
-        digest: built.manifest_digest,
-        layer_digest: built.image.layer.digest,
-        running,
-        info,
-        push: report,
-    })
-}
-
-/// Creates the VirtualMachineApp of a restore in the cluster (replacing one of that name when
-/// `replace`); the operator makes its DataVolume (importing the backup by digest) and VM.
-pub(crate) async fn cluster_restore(
-    client: &kube::Client,
-    app: &paddock_api::app::VirtualMachineApp,
-    replace: bool,
-) -> anyhow::Result<()> {
-    let namespace = app
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_owned());
-    let name = app.metadata.name.clone().unwrap_or_default();
-    let apis = ClusterApis::new(client, &namespace);
-    if apis
-        .apps
-        .get_opt(&name)
-        .await
-        .with_context(|| format!("cannot read VirtualMachineApp {namespace}/{name}"))?
-        .is_some()
-    {
-        if !replace {
-            bail!("VirtualMachineApp {namespace}/{name} exists; pass --replace or choose another --name");
-        }
-        apis.apps
-            .delete(&name, &kube::api::DeleteParams::foreground())
-            .await
-            .with_context(|| format!("cannot delete VirtualMachineApp {namespace}/{name}"))?;
-        let deadline = std::time::Instant::now() + CLUSTER_WAIT;
-        while apis.apps.get_opt(&name).await?.is_some() {
-            if std::time::Instant::now() > deadline {
-                bail!("VirtualMachineApp {namespace}/{name} is still being deleted; try again later");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        }
-    }
-    let object: kube::api::DynamicObject = serde_json::from_value(serde_json::to_value(app)?)?;
-    apis.apps
-        .create(&kube::api::PostParams::default(), &object)
-        .await
-        .with_context(|| format!("cannot create VirtualMachineApp {namespace}/{name}"))?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_plain_kubevirt_vm_becomes_a_virtual_machine_app() {
-        let machine: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachine",
-            "metadata": {"name": "db", "namespace": "team", "labels": {"tier": "data"}, "uid": "1"},
-            "spec": {
-                "running": true,
-                "template": {"spec": {"domain": {"cpu": {"cores": 2}, "memory": {"guest": "1Gi"}}}},
-            },
-        }))
-        .unwrap();
-        let app = definition_of_machine(&machine, 64 << 20).unwrap();
-        let value = serde_json::to_value(&app).unwrap();
-        assert_eq!(value["metadata"]["name"], "db");
-        assert_eq!(value["metadata"]["labels"]["tier"], "data");
-        assert_eq!(value["spec"]["resources"]["cpu"], 2);
-        assert_eq!(value["spec"]["resources"]["memory"], "1Gi");
-        assert_eq!(value["spec"]["runStrategy"], "Always");
-        assert_eq!(value["spec"]["disk"]["size"], (64u64 << 20).to_string());
     }
 }

@@ -29,9 +29,9 @@ use paddock_oci::ImageOptions;
 use paddock_oci::backup::inspect_backup;
 use paddock_oci::registry::PushOptions;
 
-use crate::backup::{
-    ClusterApis, ClusterBackupOptions, ClusterFlags, ExportLink, cluster_backup, cluster_restore,
-};
+use paddock_cluster::backup::ClusterApis;
+
+use crate::backup::{ClusterFlags, ExportLink};
 use crate::progress::OutputFlags;
 use crate::registry_flags::RegistryFlags;
 
@@ -173,19 +173,19 @@ async fn run_move(arguments: &MoveArgs) -> anyhow::Result<()> {
     };
     let pinned = match (&runtime, &client, source.cluster) {
         (_, Some(client), true) => {
-            let options = ClusterBackupOptions {
+            let options = paddock_cluster::backup::BackupOptions {
                 repository: arguments.via.clone(),
                 push,
                 image: ImageOptions::default(),
-                link: arguments.export_link,
+                link: arguments.export_link.into(),
+                scratch_parent: None,
             };
-            cluster_backup(
+            paddock_cluster::backup::backup(
                 client,
                 &source.namespace,
                 &source_name,
                 &options,
-                &bars,
-                Arc::new(NoBackupProgress),
+                Arc::new(paddock_cluster::backup::NoBackupProgress),
             )
             .await
             .with_context(|| format!("the backup failed; {untouched}; fix the cause and run the move again"))?
@@ -222,7 +222,9 @@ async fn run_move(arguments: &MoveArgs) -> anyhow::Result<()> {
     let mut app = restored_definition(&entry, &options)?;
     app.spec.run_strategy = paddock_api::app::RunStrategy::Always;
     let restored = match (&runtime, &client, destination.cluster) {
-        (_, Some(client), true) => cluster_restore(client, &app, false).await,
+        (_, Some(client), true) => paddock_cluster::backup::restore(client, &app, false)
+            .await
+            .map_err(anyhow::Error::from),
         (Some(runtime), _, false) => runtime
             .create(app.clone())
             .await
