@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
@@ -86,6 +85,9 @@ pub enum UploadError {
     /// The path is not a regular file.
     #[error("{0} is not a regular file; pass a disk image file")]
     NotAFile(String),
+    /// The disk checks refused the disk; the message says why and what to do.
+    #[error("{0}")]
+    DiskRefused(String),
     /// qemu-img could not run or read the disk.
     #[error("qemu-img cannot read {path}: {details}; install qemu-utils or check the file")]
     QemuImg {
@@ -206,51 +208,48 @@ pub struct DiskInfo {
     pub encrypted: bool,
 }
 
-#[derive(Deserialize)]
-struct QemuImgInfo {
-    format: String,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-    #[serde(rename = "backing-filename", default)]
-    backing_filename: Option<String>,
-    #[serde(default)]
-    encrypted: bool,
-}
-
-/// A disk file's format and virtual size, read with `qemu-img info`, checked with [`check_disk`].
+/// A disk file's format and virtual size, read by `paddock_disk::inspect` (which checks the
+/// header for backing files, external data files, encryption and foreign vmdk extents before
+/// qemu-img opens the file, because such references can point at any path on this machine), then
+/// checked with [`check_disk`]. A gzip/xz/zstd-compressed disk is refused: CDI's size check needs
+/// the virtual size, which only the decompressed disk tells.
 pub async fn inspect_disk_file(disk: &Path) -> Result<DiskInfo, UploadError> {
     let name = disk.display().to_string();
-    let metadata = std::fs::metadata(disk).map_err(|source| UploadError::DiskUnreadable {
-        path: name.clone(),
-        source,
-    })?;
-    if !metadata.is_file() {
-        return Err(UploadError::NotAFile(name));
-    }
-    let output = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(disk)
-        .output()
+    let path = disk.to_owned();
+    let inspection = tokio::task::spawn_blocking(move || paddock_disk::inspect(&path))
         .await
         .map_err(|error| UploadError::QemuImg {
             path: name.clone(),
-            details: format!("cannot run qemu-img: {error}"),
+            details: format!("the inspection task failed: {error}"),
         })?;
-    if !output.status.success() {
-        return Err(UploadError::QemuImg {
-            path: name,
-            details: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    let info: QemuImgInfo = serde_json::from_slice(&output.stdout).map_err(|error| UploadError::QemuImg {
-        path: name.clone(),
-        details: format!("unreadable json: {error}"),
-    })?;
-    let info = DiskInfo {
-        format: info.format,
-        virtual_size: Some(info.virtual_size),
-        backing_file: info.backing_filename,
-        encrypted: info.encrypted,
+    let info = match inspection {
+        Ok(paddock_disk::Inspection::Disk(info)) => DiskInfo {
+            format: info.format.qemu_name().to_owned(),
+            virtual_size: Some(info.virtual_size),
+            backing_file: None,
+            encrypted: false,
+        },
+        Ok(paddock_disk::Inspection::Compressed(compression)) => {
+            return Err(UploadError::UnsupportedFormat {
+                disk: name,
+                format: format!("{compression}-compressed (decompress it first)"),
+            });
+        }
+        Ok(paddock_disk::Inspection::Archive) => {
+            return Err(UploadError::UnsupportedFormat {
+                disk: name,
+                format: "a tar archive (an OVA? take its disk out with `paddock package`)".to_owned(),
+            });
+        }
+        Err(paddock_disk::Error::BackingFile { backing, .. }) => {
+            return Err(UploadError::BackingFile { disk: name, backing });
+        }
+        Err(paddock_disk::Error::Encrypted { .. }) => return Err(UploadError::Encrypted(name)),
+        Err(paddock_disk::Error::Read { source, .. }) => {
+            return Err(UploadError::DiskUnreadable { path: name, source });
+        }
+        Err(paddock_disk::Error::NotAFile { .. }) => return Err(UploadError::NotAFile(name)),
+        Err(refusal) => return Err(UploadError::DiskRefused(refusal.to_string())),
     };
     check_disk(&name, &info)?;
     Ok(info)
@@ -750,6 +749,51 @@ mod tests {
         let from_header = sniff_disk_header(&bytes[..HEADER_BYTES], bytes.len() as u64);
         assert_eq!(from_qemu_img, from_header);
         std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    #[tokio::test]
+    async fn disks_that_cdi_refuses_are_refused_before_any_upload() {
+        let directory = tempfile::tempdir().unwrap();
+        let base = directory.path().join("base.qcow2");
+        let overlay = directory.path().join("overlay.qcow2");
+        let create = |arguments: &[&str]| {
+            let status = std::process::Command::new("qemu-img")
+                .args(arguments)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        };
+        create(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
+        create(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            overlay.to_str().unwrap(),
+        ]);
+        let error = inspect_disk_file(&overlay).await.unwrap_err();
+        assert!(
+            matches!(&error, UploadError::BackingFile { backing, .. } if backing.ends_with("base.qcow2")),
+            "{error}"
+        );
+        let compressed = directory.path().join("disk.img.gz");
+        let mut encoder = flate2::write::GzEncoder::new(
+            std::fs::File::create(&compressed).unwrap(),
+            flate2::Compression::fast(),
+        );
+        std::io::Write::write_all(&mut encoder, &[0u8; 1 << 20]).unwrap();
+        encoder.finish().unwrap();
+        let error = inspect_disk_file(&compressed).await.unwrap_err();
+        assert!(error.to_string().contains("decompress it first"), "{error}");
+        let error = inspect_disk_file(directory.path()).await.unwrap_err();
+        assert!(
+            matches!(error, UploadError::NotAFile(_) | UploadError::DiskRefused(_)),
+            "{error}"
+        );
     }
 
     #[test]
