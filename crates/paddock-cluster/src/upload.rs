@@ -612,7 +612,7 @@ pub async fn send_disk(
                 url: url.to_owned(),
                 sent: bytes_sent,
                 total: length,
-                details: error_chain(&error),
+                details: paddock_oci::registry::error_chain(&error),
                 timed_out,
                 advice,
             });
@@ -653,21 +653,6 @@ pub fn refusal(url: &str, status: u16, message: &str) -> UploadError {
             format!(" ({})", message.trim())
         },
     }
-}
-
-/// An error and its sources, joined with `": "`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

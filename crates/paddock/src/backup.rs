@@ -332,6 +332,34 @@ struct CreateSummary {
     bytes_resumed: u64,
 }
 
+impl CreateSummary {
+    /// The summary of a backup: `[reference, pinned reference, digest, layer digest]`, the VM, its
+    /// phase when backed up, when, and what the push did.
+    fn new(
+        [reference, pinned_reference, digest, layer_digest]: [&String; 4],
+        vm: String,
+        phase: String,
+        created: &str,
+        push: &paddock_oci::registry::PushReport,
+    ) -> CreateSummary {
+        CreateSummary {
+            reference: reference.clone(),
+            pinned_reference: pinned_reference.clone(),
+            digest: digest.clone(),
+            layer_digest: layer_digest.clone(),
+            vm,
+            phase,
+            created: created.to_owned(),
+            blobs_uploaded: push.blobs_uploaded,
+            bytes_uploaded: push.bytes_uploaded,
+            blobs_skipped: push.blobs_skipped,
+            bytes_skipped: push.bytes_skipped,
+            blobs_resumed: push.blobs_resumed,
+            bytes_resumed: push.bytes_resumed,
+        }
+    }
+}
+
 async fn run_create(arguments: &CreateArgs) -> anyhow::Result<()> {
     let id = VmId::new(arguments.local.namespace.clone(), arguments.vm.clone())?;
     let registry = registry_options(&arguments.registry)?;
@@ -355,21 +383,18 @@ async fn run_create(arguments: &CreateArgs) -> anyhow::Result<()> {
     let report = backup(&runtime, &id, &options, progress)
         .await
         .with_context(|| format!("cannot back up virtual machine {id} to {}", arguments.repository))?;
-    let summary = CreateSummary {
-        reference: report.reference.clone(),
-        pinned_reference: report.pinned_reference.clone(),
-        digest: report.digest.clone(),
-        layer_digest: report.layer_digest.clone(),
-        vm: id.to_string(),
-        phase: report.phase.to_string(),
-        created: report.info.created.clone(),
-        blobs_uploaded: report.push.blobs_uploaded,
-        bytes_uploaded: report.push.bytes_uploaded,
-        blobs_skipped: report.push.blobs_skipped,
-        bytes_skipped: report.push.bytes_skipped,
-        blobs_resumed: report.push.blobs_resumed,
-        bytes_resumed: report.push.bytes_resumed,
-    };
+    let summary = CreateSummary::new(
+        [
+            &report.reference,
+            &report.pinned_reference,
+            &report.digest,
+            &report.layer_digest,
+        ],
+        id.to_string(),
+        report.phase.to_string(),
+        &report.info.created,
+        &report.push,
+    );
     print_create_summary(&summary, arguments.output_flags.json)
 }
 
@@ -399,21 +424,18 @@ async fn run_cluster_create(arguments: &CreateArgs, registry: RegistryOptions) -
                 arguments.vm, arguments.repository
             )
         })?;
-    let summary = CreateSummary {
-        reference: report.reference.clone(),
-        pinned_reference: report.pinned_reference.clone(),
-        digest: report.digest.clone(),
-        layer_digest: report.layer_digest.clone(),
-        vm: format!("{namespace}/{}", arguments.vm),
-        phase: if report.running { "Running" } else { "Stopped" }.to_owned(),
-        created: report.info.created.clone(),
-        blobs_uploaded: report.push.blobs_uploaded,
-        bytes_uploaded: report.push.bytes_uploaded,
-        blobs_skipped: report.push.blobs_skipped,
-        bytes_skipped: report.push.bytes_skipped,
-        blobs_resumed: report.push.blobs_resumed,
-        bytes_resumed: report.push.bytes_resumed,
-    };
+    let summary = CreateSummary::new(
+        [
+            &report.reference,
+            &report.pinned_reference,
+            &report.digest,
+            &report.layer_digest,
+        ],
+        format!("{namespace}/{}", arguments.vm),
+        if report.running { "Running" } else { "Stopped" }.to_owned(),
+        &report.info.created,
+        &report.push,
+    );
     print_create_summary(&summary, arguments.output_flags.json)
 }
 

@@ -295,8 +295,9 @@ pub enum RegistryError {
 /// Result alias for registry operations.
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
-/// `error` and its sources, joined with `": "` (reqwest's own message alone says little).
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+/// `error` and its sources, joined with `": "` (reqwest's own message alone says little); a
+/// cause already contained in the text so far is not repeated.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
