@@ -63,6 +63,20 @@ export interface ImportStatus {
   message?: string;
 }
 
+/** A base image stored on the machine (the `Image` schema, local mode's image library). */
+export interface LibraryImage {
+  digest: string;
+  /** What to write as spec.image.containerDisk to boot it. */
+  image: string;
+  source?: string;
+  format?: string;
+  size: number;
+  virtualSize?: number;
+  importedAt: string;
+  recorded: boolean;
+  usedBy: string[];
+}
+
 /** The `Snapshot` schema. */
 export interface Snapshot {
   name: string;
@@ -168,6 +182,21 @@ export async function request<T>(
     );
   }
   return parsed as T;
+}
+
+/** Whether the caller may open one console, and if not, what they lack (`ConsoleAccessEntry`). */
+export interface ConsoleAccess {
+  allowed: boolean;
+  permission?: Permission;
+  message?: string;
+}
+
+/**
+ * Which consoles of a VM the caller may open; each is its own KubeVirt subresource with its own
+ * RBAC rule (`GET …/console-access`).
+ */
+export function consoleAccess(namespace: string, name: string): Promise<{ serial: ConsoleAccess; vnc: ConsoleAccess }> {
+  return request("GET", `${vmPath(namespace, name)}/console-access`);
 }
 
 /** A signed-in console session (`POST /api/v1/session`). */

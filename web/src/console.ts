@@ -9,7 +9,7 @@
 import RFB from "@novnc/novnc";
 import { FitAddon } from "@xterm/addon-fit";
 import { Terminal } from "@xterm/xterm";
-import { ApiError, KUBEVIRT_SUBPROTOCOL, backend, getVm, screenshotUrl, websocketUrl } from "./api";
+import { ApiError, KUBEVIRT_SUBPROTOCOL, backend, consoleAccess, getVm, websocketUrl } from "./api";
 import { h, phaseBadge, replaceChildren } from "./dom";
 import { store } from "./store";
 import { Page, errorBox } from "./ui";
@@ -62,14 +62,16 @@ function header(namespace: string, name: string, current: "console" | "serial"):
 
 /**
  * Kubernetes mode: a browser cannot read why a websocket upgrade was refused, so before (and
- * after a failed) connection ask an HTTP route that needs the same permission (the screenshot
- * needs `get virtualmachineinstances/vnc`, like the screen) and return its 403, if any.
+ * after a failed) connection ask the API whether this console may be opened: the serial console
+ * and the screen are separate subresources with separate RBAC rules, and the refusal names the
+ * one permission missing (as a 403 would).
  */
-async function consoleRefusal(namespace: string, name: string): Promise<ApiError | null> {
+async function consoleRefusal(namespace: string, name: string, kind: "serial" | "vnc"): Promise<ApiError | null> {
   if (backend() !== "kubernetes") return null;
   try {
-    URL.revokeObjectURL(await screenshotUrl(namespace, name));
-    return null;
+    const access = (await consoleAccess(namespace, name))[kind];
+    if (access.allowed) return null;
+    return new ApiError(403, "Forbidden", access.message ?? `You may not open the ${kind === "vnc" ? "screen" : "serial console"}.`, access.permission);
   } catch (error) {
     return error instanceof ApiError && error.code === 403 ? error : null;
   }
@@ -109,7 +111,7 @@ export const vncPage: Page = (root, [namespace, name]) => {
     clearTimeout(reconnectTimer);
     errorArea.replaceChildren();
     status.textContent = "Connecting…";
-    void consoleRefusal(namespace, name).then((refusal) => {
+    void consoleRefusal(namespace, name, "vnc").then((refusal) => {
       if (leaving) return;
       if (refusal) refuse(refusal);
       else openSession();
@@ -140,7 +142,7 @@ export const vncPage: Page = (root, [namespace, name]) => {
       getVm(namespace, name).then(
         async (vm) => {
           store.put(vm);
-          const refusal = await consoleRefusal(namespace, name);
+          const refusal = await consoleRefusal(namespace, name, "vnc");
           if (refusal) {
             refuse(refusal);
             return;
@@ -271,9 +273,27 @@ export const serialPage: Page = (root, [namespace, name]) => {
   let leaving = false;
   const encoder = new TextEncoder();
 
+  const terminalFrame = h("div", { class: "terminal-frame" }, container);
+  // A refused console shows the explanation (the missing permission) instead of the terminal.
+  const refuse = (error: ApiError): void => {
+    status.textContent = "Not allowed";
+    terminalFrame.hidden = true;
+    container.dataset.connected = "false";
+    replaceChildren(errorArea, errorBox(error, "You cannot open this console"));
+  };
+
   const connect = (): void => {
     errorArea.replaceChildren();
     status.textContent = "Connecting…";
+    void consoleRefusal(namespace, name, "serial").then((refusal) => {
+      if (leaving) return;
+      if (refusal) refuse(refusal);
+      else openSocket();
+    });
+  };
+
+  const openSocket = (): void => {
+    terminalFrame.hidden = false;
     const websocket = new WebSocket(websocketUrl(namespace, name, "console"), [KUBEVIRT_SUBPROTOCOL]);
     websocket.binaryType = "arraybuffer";
     socket = websocket;
@@ -290,13 +310,19 @@ export const serialPage: Page = (root, [namespace, name]) => {
       if (leaving) return;
       status.textContent = event.reason ? `Closed: ${event.reason}` : "Closed";
       getVm(namespace, name).then(
-        (vm) => {
+        async (vm) => {
           store.put(vm);
-          if (vm.status.phase !== "Running" && vm.status.phase !== "Paused") {
+          const refusal = await consoleRefusal(namespace, name, "serial");
+          if (leaving) return;
+          if (refusal) refuse(refusal);
+          else if (vm.status.phase !== "Running" && vm.status.phase !== "Paused") {
             replaceChildren(errorArea, errorBox(`The VM is ${vm.status.phase}; start it to use its serial console.`, "The console closed"));
           }
         },
-        (error) => replaceChildren(errorArea, errorBox(error, "The console closed")),
+        (error) => {
+          if (error instanceof ApiError && error.permission) refuse(error);
+          else replaceChildren(errorArea, errorBox(error, "The console closed"));
+        },
       );
     };
   };
@@ -322,7 +348,7 @@ export const serialPage: Page = (root, [namespace, name]) => {
     header(namespace, name, "serial"),
     h("div", { class: "toolbar", role: "toolbar", "aria-label": "Serial console" }, reconnect, clear, h("span", { class: "spacer" }), status),
     errorArea,
-    h("div", { class: "terminal-frame" }, container),
+    terminalFrame,
     h("p", { class: "help" }, "While the terminal has focus every key, Tab included, goes to the VM; Ctrl-L (the address bar) or a click elsewhere leaves it."),
   );
   terminal.open(container);

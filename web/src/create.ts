@@ -1,8 +1,9 @@
 // The create wizard: image, resources, cloud-init, review. The YAML on the right is exactly the
 // body POSTed to /api/v1/vms, so what the user reviews is what the server receives.
 
-import { Vm, backend, request } from "./api";
-import { h, replaceChildren } from "./dom";
+import { LibraryImage, Vm, backend, describeError, request } from "./api";
+import { formatBytes } from "./backups";
+import { h, replaceChildren, timeAgo } from "./dom";
 import { store } from "./store";
 import { Page, withProgress } from "./ui";
 import { toYaml } from "./yaml";
@@ -194,6 +195,7 @@ export const createPage: Page = (root) => {
             field("vm-image-kind", "Image source", kind, "The local backend boots registry images, disk files (qcow2, raw, …) and OCI layouts made by paddock package.", "imageKind"),
             field("vm-image", "Image", h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false", placeholder: "quay.io/containerdisks/debian:12" }), "A reference such as registry.example.com/vms/debian:12, or a path such as /srv/disks/debian.qcow2.", "image"),
           ];
+      if (!kubernetes) content.push(imageLibrary());
       kind.addEventListener("change", () => {
         draft.imageKind = kind.value as ImageKind;
         const image = stepArea.querySelector<HTMLInputElement>("#vm-image");
@@ -224,6 +226,76 @@ export const createPage: Page = (root) => {
     replaceChildren(stepArea, h("h2", {}, STEPS[step]), content);
     stepArea.querySelector<HTMLElement>("input, select, textarea")?.focus();
     updatePreview();
+  };
+
+  /** Fills the image fields with a library entry's containerDisk value (kind from its prefix). */
+  const chooseImage = (value: string): void => {
+    const [imageKind, image] = value.startsWith("file:") ? (["file", value.slice(5)] as const) : value.startsWith("oci:") ? (["oci", value.slice(4)] as const) : (["registry", value] as const);
+    draft.imageKind = imageKind;
+    draft.image = image;
+    const kindSelect = stepArea.querySelector<HTMLSelectElement>("#vm-image-kind");
+    if (kindSelect) kindSelect.value = imageKind;
+    const imageInput = stepArea.querySelector<HTMLInputElement>("#vm-image");
+    if (imageInput) {
+      imageInput.value = image;
+      imageInput.removeAttribute("aria-invalid");
+    }
+    const problem = stepArea.querySelector("#vm-image-problem");
+    if (problem) problem.textContent = "";
+    updatePreview();
+  };
+
+  /**
+   * Local mode: the disks already stored on this machine, as a radio group (arrow keys move the
+   * choice, as in any radio group); choosing one fills the image fields.
+   */
+  const imageLibrary = (): HTMLElement => {
+    const body = h("div", { class: "library-body" }, h("p", { class: "muted" }, "Loading the images on this machine…"));
+    const fieldset = h(
+      "fieldset",
+      { class: "image-library", id: "image-library", "aria-busy": "true" },
+      h("legend", {}, "Image library (optional)"),
+      h("div", { class: "help" }, "Disks already on this machine, from earlier VMs; choose one instead of typing its source."),
+      body,
+    );
+    void request<{ items: LibraryImage[] }>("GET", "/api/v1/images").then(
+      ({ items }) => {
+        fieldset.setAttribute("aria-busy", "false");
+        if (!items.length) {
+          replaceChildren(body, h("p", { class: "muted", id: "image-library-empty" }, "No images yet: the first VM's disk is kept here once it is created."));
+          return;
+        }
+        replaceChildren(
+          body,
+          items.map((image) => {
+            const current = manifestOf(draft).spec as { image?: { containerDisk?: string } };
+            const radio = h("input", { type: "radio", name: "library-image", value: image.image, "data-digest": image.digest, checked: current.image?.containerDisk === image.image });
+            radio.addEventListener("change", () => {
+              if (radio.checked) chooseImage(image.image);
+            });
+            const details = [image.format ?? "unknown format", `${formatBytes(image.size)} stored`, image.virtualSize === undefined ? null : `${formatBytes(image.virtualSize)} disk`]
+              .filter(Boolean)
+              .join(" · ");
+            return h(
+              "label",
+              { class: "library-image", "data-digest": image.digest },
+              radio,
+              h(
+                "span",
+                { class: "library-text" },
+                h("span", { class: "library-source" }, image.source ?? `${image.digest.slice(0, 19)}… (source not recorded)`),
+                h("span", { class: "muted" }, details, " · imported ", timeAgo(image.importedAt), image.usedBy.length ? ` · used by ${image.usedBy.join(", ")}` : ""),
+              ),
+            );
+          }),
+        );
+      },
+      (error: unknown) => {
+        fieldset.setAttribute("aria-busy", "false");
+        replaceChildren(body, h("p", { class: "error", role: "alert" }, `The image library cannot be shown: ${describeError(error)}`));
+      },
+    );
+    return fieldset;
   };
 
   const showProblems = (found: Record<string, string>): boolean => {

@@ -7,7 +7,11 @@
 // reads a non-blank VNC canvas, filters the list, migrates, takes, restores and deletes a
 // snapshot, sets (after a refused invalid one) and clears a snapshot schedule. alice (a
 // ServiceAccount without RBAC) sees the 403 explanation built from the API's `permission` on the
-// detail page and the console page, which does not connect; after a RoleBinding she sees the VM and its screen, and a stop she may not do explains itself. The admin
+// detail page and the console page, which does not connect; after a RoleBinding she sees the VM and its screen, and a stop she may not do explains itself.
+// The session token works at a second console replica sharing the session key.
+// bob, who may open serial consoles but not screens, sees which permission the screen needs and
+// uses the serial console. The detail page's import progress bar follows a DataVolume's import
+// (reported step by step through the world, as CDI's importer would). The admin
 // deletes the VM. Before that the admin uploads the test disk on the "Upload disk" page (progress bar,
 // the server's confirmation, the DataVolume's phase until Succeeded). Screenshots go to
 // target/web-screenshots/kubernetes-*.png.
@@ -34,6 +38,7 @@ const browserPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const targetDir = process.env.CARGO_TARGET_DIR ? resolve(process.env.CARGO_TARGET_DIR) : join(repository, "target");
 const screenshots = join(targetDir, "web-screenshots");
 const VM = "web-k8s";
+const IMPORTING = "web-k8s-import";
 // The image the simulator "pulls": it boots the test disk under real QEMU for any containerDisk.
 const IMAGE = "registry.example.com/vms/console-test:1";
 const started = Date.now();
@@ -236,6 +241,7 @@ async function main() {
 async function run(world) {
   const { url, namespace } = world;
   await timed("console ready", () => waitReady(url));
+  await timed("console replica ready", () => waitReady(world.replicaUrl));
   const browser = await chromium.launch({ executablePath: browserPath, headless: true, args: ["--no-sandbox"] });
   const policyViolations = [];
   const pageErrors = [];
@@ -258,6 +264,20 @@ async function run(world) {
       await admin.locator(".error").waitFor();
       await signIn(admin, url, world.adminToken);
       await admin.locator("#signed-in-user", { hasText: `system:serviceaccount:${namespace}:console-admin` }).waitFor();
+    });
+
+    // Sessions are signed with a key the replicas share: the other replica takes this session
+    // (the browser's session token, not the Kubernetes token) and serves the same user.
+    await timed("the session works at the other console replica", async () => {
+      const sessionToken = await admin.evaluate(() => sessionStorage.getItem("paddock.token"));
+      const other = await fetch(`${world.replicaUrl}/api/v1/session`, { headers: { Authorization: `Bearer ${sessionToken}` } });
+      assert.equal(other.status, 200, "the replica accepts the session");
+      const session = await other.json();
+      assert.equal(session.user.username, `system:serviceaccount:${namespace}:console-admin`);
+      const vms = await fetch(`${world.replicaUrl}/api/v1/vms`, { headers: { Authorization: `Bearer ${sessionToken}` } });
+      assert.equal(vms.status, 200, "the replica acts as the session's user");
+      const forged = await fetch(`${world.replicaUrl}/api/v1/session`, { headers: { Authorization: `Bearer ${sessionToken.slice(0, -4)}AAAA` } });
+      assert.equal(forged.status, 401, "a changed signature is refused");
     });
 
     await timed("upload a disk in the browser", async () => {
@@ -309,6 +329,14 @@ async function run(world) {
       await admin.fill("#vm-memory", "256Mi");
       await admin.click("#wizard-next");
       await admin.click("#wizard-next");
+      // The image library is local mode's: not in this wizard, and the API says why.
+      assert.equal(await admin.locator("#image-library").count(), 0, "no image library in cluster mode");
+      const library = await admin.evaluate(async () => {
+        const response = await fetch("/api/v1/images", { headers: { Authorization: `Bearer ${sessionStorage.getItem("paddock.token")}` } });
+        return { status: response.status, body: await response.json() };
+      });
+      assert.equal(library.status, 501);
+      assert.match(library.body.message, /not available in cluster mode/);
       const yaml = await admin.locator("#yaml-preview").innerText();
       for (const line of [`name: ${VM}`, `namespace: ${namespace}`, `containerDisk: ${IMAGE}`, "persistent: false", "memory: 256Mi", "runStrategy: Always"]) {
         assert.ok(yaml.includes(line), `the manifest preview shows ${line}:\n${yaml}`);
@@ -322,7 +350,43 @@ async function run(world) {
       await admin.locator("#vm-phase", { hasText: "Running" }).waitFor({ timeout: 180000 });
       await admin.locator("#vm-migrate").waitFor();
       await admin.locator("#vm-clone").waitFor();
+      // The screen's thumbnail (vnc/screenshot) is in the picture, not an empty frame.
+      await waitFor("the VNC thumbnail loaded", 60000, async () => {
+        const loaded = await admin
+          .locator("img.screen")
+          .evaluate((image) => image.complete && image.naturalWidth > 0, undefined, { timeout: 1000 })
+          .catch(() => false);
+        return { done: loaded, value: loaded };
+      });
       await admin.screenshot({ path: join(screenshots, "kubernetes-detail.png"), fullPage: true });
+    });
+
+    // The import progress bar of a persistent disk: the VM's DataVolume imports from an http
+    // source, which the simulator leaves to others, so the world reports the import's phase and
+    // progress as CDI's importer would; the operator copies them into the app's importProgress,
+    // and the detail page's bar follows, then disappears once the disk is imported.
+    await timed("import progress bar on the detail page", async () => {
+      const manifest = `apiVersion: paddock.dev/v1alpha1\nkind: VirtualMachineApp\nmetadata:\n  name: ${IMPORTING}\n  namespace: ${namespace}\nspec:\n  image:\n    http:\n      url: http://disks.example.com/console-test.qcow2\n  resources: {cpu: 1, memory: 256Mi}\n  disk: {size: 1Gi}\n  runStrategy: Halted\n`;
+      const created = await admin.evaluate(async (body) => {
+        const response = await fetch("/api/v1/vms", { method: "POST", headers: { Authorization: `Bearer ${sessionStorage.getItem("paddock.token")}`, "Content-Type": "application/yaml" }, body });
+        return { status: response.status, text: await response.text() };
+      }, manifest);
+      assert.equal(created.status, 201, `the app with an http disk is created: ${created.text}`);
+      await admin.goto(`${url}/ui/#/vm/${namespace}/${IMPORTING}`);
+      await admin.locator('#vm-import[data-state="Importing"]').waitFor({ timeout: 120000 });
+      const bar = admin.locator("#vm-import progress");
+      for (const percent of [23, 71]) {
+        assert.deepEqual(await world.command(`import-progress ${IMPORTING}-disk ImportInProgress ${percent}.00%`), { patched: true });
+        await admin.locator("#vm-import", { hasText: `Importing disk: ${percent}.0%` }).waitFor({ timeout: 60000 });
+        assert.equal(await bar.evaluate((element) => element.value), percent, `the bar shows ${percent}%`);
+        if (percent === 71) await admin.screenshot({ path: join(screenshots, "kubernetes-import-progress.png") });
+      }
+      assert.deepEqual(await world.command(`import-progress ${IMPORTING}-disk Succeeded 100.0%`), { patched: true });
+      await admin.locator("#vm-import").waitFor({ state: "detached", timeout: 60000 });
+      const deleted = await admin.evaluate(async (path) => (await fetch(path, { method: "DELETE", headers: { Authorization: `Bearer ${sessionStorage.getItem("paddock.token")}` } })).status, `/api/v1/vms/${namespace}/${IMPORTING}`);
+      assert.ok([200, 202, 204].includes(deleted), `the importing VM is deleted (${deleted})`);
+      await admin.goto(detailUrl);
+      await admin.locator("#vm-phase", { hasText: "Running" }).waitFor();
     });
 
     await timed("VNC screen not blank", async () => {
@@ -436,6 +500,30 @@ async function run(world) {
       await alice.locator("#vm-phase", { hasText: "Running" }).waitFor();
       await alice.click("button[data-action=stop]");
       await expectPermission(alice, `You need permission to patch virtualmachineapps in namespace ${namespace}.`);
+    });
+
+    // bob may open the serial console (virtualmachineinstances/console) but not the screen: the
+    // screen's page names exactly the permission missing, in place of the viewer, and the serial
+    // console connects.
+    const bob = await (await browser.newContext({ viewport: { width: 1366, height: 768 } })).newPage();
+    watch(bob);
+    await timed("a user with the serial console but not the screen", async () => {
+      await signIn(bob, url, world.serialUserToken);
+      await bob.goto(`${detailUrl}/console`);
+      await bob.locator(".permission-error").waitFor();
+      assert.equal(
+        await bob.locator(".permission-explanation").innerText(),
+        `You need permission to get virtualmachineinstances/vnc in namespace ${namespace}. Ask your cluster administrator for a Role that allows it.`,
+      );
+      assert.ok(await bob.locator(".vnc-frame").isHidden(), "the explanation replaces the screen");
+      await bob.screenshot({ path: join(screenshots, "kubernetes-console-vnc-refused.png") });
+      await bob.goto(`${detailUrl}/serial`);
+      await bob.locator('#serial-terminal[data-connected="true"]').waitFor({ timeout: 60000 });
+      assert.equal(await bob.locator(".permission-error").count(), 0, "no refusal on the serial console");
+      const access = await bob.evaluate(async (path) => (await fetch(path, { headers: { Authorization: `Bearer ${sessionStorage.getItem("paddock.token")}` } })).json(), `/api/v1/vms/${namespace}/${VM}/console-access`);
+      assert.equal(access.serial.allowed, true);
+      assert.equal(access.vnc.allowed, false);
+      assert.deepEqual([access.vnc.permission.verb, access.vnc.permission.resource, access.vnc.permission.subresource], ["get", "virtualmachineinstances", "vnc"]);
     });
 
     await timed("admin deletes the VM", async () => {

@@ -27,6 +27,7 @@ const targetDir = process.env.CARGO_TARGET_DIR ? resolve(process.env.CARGO_TARGE
 const screenshots = join(targetDir, "web-screenshots");
 const VM = "web-e2e";
 const RESTORED = "web-e2e-restored";
+const FROM_LIBRARY = "web-e2e-library";
 const REGISTRY_BINARY = "/usr/bin/docker-registry";
 const READY_BANNER = "PADDOCK TEST VM READY";
 const started = Date.now();
@@ -277,6 +278,45 @@ async function run(scratch) {
       await page.locator("#vm-phase", { hasText: "Running" }).waitFor({ timeout: 120000 });
     });
 
+    // The first VM imported the test disk: the wizard's image library offers it, and choosing it
+    // by keyboard fills the image fields (no typing of the path). That VM is created stopped.
+    await timed("create from the image library", async () => {
+      await page.click('header.top a[href="#/create"]');
+      await page.fill("#vm-name", FROM_LIBRARY);
+      const choice = page.locator(`#image-library input[type=radio][value="file:${disk}"]`);
+      await choice.waitFor();
+      assert.equal(await page.locator("#vm-image").inputValue(), "", "the image field starts empty");
+      await choice.focus();
+      await page.keyboard.press("Space");
+      assert.ok(await choice.isChecked(), "Space chooses the focused library entry");
+      assert.equal(await page.locator("#vm-image-kind").inputValue(), "file");
+      assert.equal(await page.locator("#vm-image").inputValue(), disk, "the library filled the image field");
+      const entry = await page.locator("#image-library label.library-image", { has: page.locator(`input[value="file:${disk}"]`) }).innerText();
+      assert.match(entry, /qcow2/, `the entry shows the format: ${entry}`);
+      assert.match(entry, new RegExp(`used by default/${VM}`), `the entry shows the VM using it: ${entry}`);
+      await page.screenshot({ path: join(screenshots, "02b-wizard-image-library.png") });
+      await page.click("#wizard-next");
+      await page.fill("#vm-memory", "256Mi");
+      await page.uncheck("#vm-start");
+      await page.click("#wizard-next");
+      await page.click("#wizard-next");
+      const yaml = await page.locator("#yaml-preview").innerText();
+      for (const line of [`name: ${FROM_LIBRARY}`, `containerDisk: file:${disk}`, "runStrategy: Halted"]) {
+        assert.ok(yaml.includes(line), `the manifest preview shows ${line}:\n${yaml}`);
+      }
+      await page.click("#wizard-create");
+      await page.waitForURL(new RegExp(`#/vm/default/${FROM_LIBRARY}$`), { timeout: 120000 });
+      await page.locator("#vm-phase", { hasText: "Stopped" }).waitFor({ timeout: 60000 });
+      const headers = { Authorization: `Bearer ${serve.token}` };
+      const images = await (await page.request.get(`${serve.base}/api/v1/images`, { headers })).json();
+      assert.equal(images.items.length, 1, `both VMs share one stored disk: ${JSON.stringify(images.items)}`);
+      assert.deepEqual([...images.items[0].usedBy].sort(), [`default/${FROM_LIBRARY}`, `default/${VM}`].sort());
+      const removed = await page.request.delete(`${serve.base}/api/v1/vms/default/${FROM_LIBRARY}`, { headers });
+      assert.equal(removed.status(), 204, "the VM from the library is deleted");
+      await page.goto(`${serve.base}/ui/#/vm/default/${VM}`);
+      await page.locator("#vm-phase", { hasText: "Running" }).waitFor();
+    });
+
     // The serial console: the guest's banner, then a command through the shell.
     await timed("serial banner", async () => {
       await page.click("#open-serial");
@@ -447,7 +487,7 @@ async function run(scratch) {
     await browser.close();
     // A failed run may leave the VM running; VMs outlive `paddock serve`, so delete it through
     // the API before stopping the server.
-    for (const name of [VM, RESTORED]) {
+    for (const name of [VM, FROM_LIBRARY, RESTORED]) {
       await fetch(`${serve.base}/api/v1/vms/default/${name}?force=true`, { method: "DELETE", headers: { Authorization: `Bearer ${serve.token}` } }).catch(() => undefined);
     }
     serve.child.kill("SIGTERM");

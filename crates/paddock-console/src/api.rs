@@ -348,6 +348,11 @@ fn route_table() -> Vec<RouteEntry> {
         ),
         entry(
             Method::GET,
+            "/api/v1/vms/{namespace}/{name}/console-access",
+            get(console_access),
+        ),
+        entry(
+            Method::GET,
             "/api/v1/vms/{namespace}/{name}/vnc",
             get(vnc_console),
         ),
@@ -373,6 +378,7 @@ fn route_table() -> Vec<RouteEntry> {
         ),
         entry(Method::GET, "/api/v1/backups", get(list_backups)),
         entry(Method::POST, "/api/v1/backups/restore", post(restore_backup)),
+        entry(Method::GET, "/api/v1/images", get(list_images)),
         entry(Method::GET, "/api/v1/operations", get(list_operations)),
         entry(Method::GET, "/api/v1/operations/{id}", get(get_operation)),
         entry(
@@ -819,6 +825,12 @@ async fn vnc_console(
     open_console(state, backend, vm.into(), ConsoleKind::Vnc, upgrade).await
 }
 
+/// Which consoles the caller may open (asked before a websocket, whose refusal a browser cannot
+/// read).
+async fn console_access(Acting(backend): Acting, ApiPath(vm): ApiPath<VmPath>) -> Result<Response, ApiError> {
+    Ok(Json(backend.console_access(vm.into()).await?).into_response())
+}
+
 async fn migrate_vm(Acting(backend): Acting, ApiPath(vm): ApiPath<VmPath>) -> Result<Response, ApiError> {
     Ok(Json(backend.migrate(vm.into()).await?).into_response())
 }
@@ -959,6 +971,12 @@ async fn restore_backup(Acting(backend): Acting, body: Bytes) -> Result<Response
     })?;
     let operation = backend.backup_restore(request).await?;
     Ok(operation_accepted(&operation))
+}
+
+/// The image library: the base images on the machine (local mode).
+async fn list_images(Acting(backend): Acting) -> Result<Json<serde_json::Value>, ApiError> {
+    let items = backend.images().await?;
+    Ok(Json(serde_json::json!({ "items": items })))
 }
 
 async fn list_operations(Acting(backend): Acting) -> Result<Json<serde_json::Value>, ApiError> {

@@ -138,6 +138,81 @@ pub struct UploadView {
     pub bytes_sent: Option<u64>,
 }
 
+/// Whether the signed-in user may open one console of a VM, and if not, what they lack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsoleAccess {
+    /// Whether opening it is allowed.
+    pub allowed: bool,
+    /// When refused: the permission the user lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permission: Option<Permission>,
+    /// When refused: why, and what to ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl ConsoleAccess {
+    /// Allowed.
+    pub fn allowed() -> ConsoleAccess {
+        ConsoleAccess {
+            allowed: true,
+            permission: None,
+            message: None,
+        }
+    }
+
+    /// Refused with a 403 (its permission and message).
+    pub fn refused(error: BackendError) -> ConsoleAccess {
+        ConsoleAccess {
+            allowed: false,
+            permission: error.permission.map(|permission| *permission),
+            message: Some(error.message),
+        }
+    }
+}
+
+/// Which of a VM's consoles the signed-in user may open (see [`Backend::console_access`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsoleAccessView {
+    /// The serial console (`virtualmachineinstances/console`).
+    pub serial: ConsoleAccess,
+    /// The screen (`virtualmachineinstances/vnc`, which screenshots need too).
+    pub vnc: ConsoleAccess,
+}
+
+/// A base image on the machine (local mode's image library, see [`Backend::images`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageView {
+    /// `sha256:<hex>` of the disk's content.
+    pub digest: String,
+    /// What to write as `spec.image.containerDisk` to boot it: the source it was imported from,
+    /// or `file:<the stored copy>` when that is unknown.
+    pub image: String,
+    /// The source it was first imported from (`file:…`, `oci:…` or a registry reference), when
+    /// known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// `qcow2` or `raw`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Bytes the stored copy takes.
+    pub size: u64,
+    /// The disk's virtual size in bytes, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_size: Option<u64>,
+    /// When it was imported (RFC 3339, UTC).
+    pub imported_at: String,
+    /// Whether the import recorded source and format (`false`: derived later, from the file and
+    /// the VMs using it).
+    pub recorded: bool,
+    /// The VMs built on it, as `namespace/name`.
+    #[serde(default)]
+    pub used_by: Vec<String>,
+}
+
 /// A failed backend operation: its kind and a message for people (what failed, why, what to do).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -753,6 +828,34 @@ pub trait Backend: Send + Sync + 'static {
                 ErrorKind::NotImplemented,
                 format!(
                     "upload is for cluster mode (this backend is {}); in local mode use a disk path or registry image in the create wizard",
+                    self.kind()
+                ),
+            ))
+        })
+    }
+
+    /// Which consoles of `vm` the user may open, each checked on its own, so a page can explain a
+    /// refused one before connecting (a browser cannot read why a websocket upgrade failed). By
+    /// default both, once the VM is found: backends without per-user rights grant everything.
+    fn console_access(&self, vm: VmRef) -> BoxFuture<'_, BackendResult<ConsoleAccessView>> {
+        Box::pin(async move {
+            self.get(vm).await?;
+            Ok(ConsoleAccessView {
+                serial: ConsoleAccess::allowed(),
+                vnc: ConsoleAccess::allowed(),
+            })
+        })
+    }
+
+    /// The base images already on the machine (the create wizard's image library), newest
+    /// first. Not implemented by default (501): in a cluster, images come from registries and
+    /// uploaded disks.
+    fn images(&self) -> BoxFuture<'_, BackendResult<Vec<ImageView>>> {
+        Box::pin(async move {
+            Err(BackendError::new(
+                ErrorKind::NotImplemented,
+                format!(
+                    "the image library is not available in cluster mode (this backend is {}): it lists the disks stored on the machine running paddock serve; in a cluster give a registry reference or upload a disk",
                     self.kind()
                 ),
             ))

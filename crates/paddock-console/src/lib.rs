@@ -34,10 +34,10 @@ pub mod ui;
 pub use api::{Api, ErrorBody, KUBEVIRT_SUBPROTOCOL, ServedRoute, served_routes};
 pub use auth::{AccessToken, Authentication, Caller};
 pub use backend::{
-    Backend, BackendError, BackendResult, BackupListRequest, BackupRequest, BackupView, ConsoleChannel,
-    ConsoleKind, ConsoleView, ErrorKind, EventView, HealthCheck, ImportView, LastExitView, OperationPhase,
-    OperationProgress, OperationView, Permission, PowerAction, RestoreRequest, SnapshotRequest, SnapshotView,
-    UserInfo, VmRef, VmStatusView, VmView,
+    Backend, BackendError, BackendResult, BackupListRequest, BackupRequest, BackupView, ConsoleAccess,
+    ConsoleAccessView, ConsoleChannel, ConsoleKind, ConsoleView, ErrorKind, EventView, HealthCheck,
+    ImageView, ImportView, LastExitView, OperationPhase, OperationProgress, OperationView, Permission,
+    PowerAction, RestoreRequest, SnapshotRequest, SnapshotView, UserInfo, VmRef, VmStatusView, VmView,
 };
 pub use kubernetes::KubernetesBackend;
 pub use local::LocalBackend;

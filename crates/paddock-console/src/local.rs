@@ -24,8 +24,8 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, StreamExt};
 use paddock_api::app::VirtualMachineApp;
 use paddock_local::{
-    DEFAULT_GRACEFUL_STOP_TIMEOUT, ExitKind, Runtime, RuntimeError, SnapshotInfo, VmEvent, VmId, VmInfo,
-    VmPhase, VmStatus,
+    DEFAULT_GRACEFUL_STOP_TIMEOUT, ExitKind, LibraryImage, Runtime, RuntimeError, SnapshotInfo, VmEvent,
+    VmId, VmInfo, VmPhase, VmStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -34,8 +34,8 @@ use tokio::task::AbortHandle;
 
 use crate::backend::{
     Backend, BackendError, BackendResult, BackupListRequest, BackupRequest, BackupView, ConsoleChannel,
-    ConsoleKind, ConsoleView, ErrorKind, EventView, HealthCheck, LastExitView, OperationView, PowerAction,
-    RestoreRequest, SnapshotRequest, SnapshotView, VmRef, VmStatusView, VmView,
+    ConsoleKind, ConsoleView, ErrorKind, EventView, HealthCheck, ImageView, LastExitView, OperationView,
+    PowerAction, RestoreRequest, SnapshotRequest, SnapshotView, VmRef, VmStatusView, VmView,
 };
 use crate::backups::Operations;
 use crate::time::format_rfc3339;
@@ -346,6 +346,13 @@ impl Backend for LocalBackend {
         Box::pin(async move { Ok(self.operations.list()) })
     }
 
+    fn images(&self) -> BoxFuture<'_, BackendResult<Vec<ImageView>>> {
+        Box::pin(async move {
+            let images = self.runtime.images().await.map_err(backend_error)?;
+            Ok(images.iter().map(image_view).collect())
+        })
+    }
+
     fn events(&self) -> BoxStream<'static, EventView> {
         futures_util::stream::unfold(self.runtime.events(), |mut receiver| async move {
             match receiver.recv().await {
@@ -647,6 +654,24 @@ fn exit_kind_name(kind: ExitKind) -> &'static str {
         ExitKind::Crashed => "Crashed",
         ExitKind::Killed => "Killed",
         ExitKind::StartFailed => "StartFailed",
+    }
+}
+
+fn image_view(image: &LibraryImage) -> ImageView {
+    ImageView {
+        digest: image.digest.clone(),
+        // The stored copy boots the same disk when the source is unknown (or gone).
+        image: image
+            .source
+            .clone()
+            .unwrap_or_else(|| format!("file:{}", image.path.display())),
+        source: image.source.clone(),
+        format: image.format.clone(),
+        size: image.size,
+        virtual_size: image.virtual_size,
+        imported_at: format_rfc3339(image.imported_at),
+        recorded: image.recorded,
+        used_by: image.used_by.iter().map(ToString::to_string).collect(),
     }
 }
 

@@ -23,7 +23,7 @@ pub fn document() -> Value {
             {"name": "snapshots", "description": "Snapshots of a VM's disk, optionally with memory"},
             {"name": "consoles", "description": "Screenshots, serial and VNC consoles"},
             {"name": "backups", "description": "Backups of a VM to a registry (containerDisk images) and restores from one, as long-running operations (local backend; cluster mode answers 501)"},
-            {"name": "disks", "description": "Disk uploads into DataVolumes through CDI's upload proxy (cluster only)"},
+            {"name": "disks", "description": "Disk uploads into DataVolumes through CDI's upload proxy (cluster only) and the image library of the machine (local only)"},
             {"name": "server", "description": "Health, metrics and this document"},
         ],
         "components": {
@@ -259,6 +259,19 @@ fn paths() -> Value {
             },
         }),
     );
+    add(
+        "/api/v1/vms/{namespace}/{name}/console-access",
+        "get",
+        json!({
+            "tags": ["consoles"], "operationId": "consoleAccess", "summary": "Which consoles of the VM the caller may open",
+            "description": "Each console is its own KubeVirt subresource with its own RBAC rule (`get virtualmachineinstances/console`, `get virtualmachineinstances/vnc` in API group subresources.kubevirt.io): a refused one carries the missing permission and an explanation. Ask this before opening a websocket, whose refusal a browser cannot read. Locally both are allowed.",
+            "parameters": vm_params(),
+            "responses": {
+                "200": json_response("The access to each console", schema_ref("ConsoleAccess")),
+                "401": response_ref("Unauthorized"), "403": response_ref("Forbidden"), "404": response_ref("NotFound"),
+            },
+        }),
+    );
     for (console, operation_id, summary) in [
         (
             "console",
@@ -406,6 +419,15 @@ fn paths() -> Value {
         }),
     );
     add(
+        "/api/v1/images",
+        "get",
+        json!({
+            "tags": ["disks"], "operationId": "listImages", "summary": "The image library: base images already stored on the machine running paddock serve, newest import first (local only)",
+            "description": "Each disk a VM was created from is stored once, by the sha256 of its content; the list says where it came from, its format, sizes, when it was imported and which VMs use it. `image` is what to write as spec.image.containerDisk to boot the same disk. Cluster mode answers 501: there, images come from registries and uploaded disks.",
+            "responses": {"200": json_response("The images", list_of("Image")), "401": response_ref("Unauthorized"), "500": response_ref("Internal"), "501": response_ref("NotImplemented")},
+        }),
+    );
+    add(
         "/api/v1/session",
         "get",
         json!({
@@ -421,7 +443,7 @@ fn paths() -> Value {
         "post",
         json!({
             "tags": ["server"], "operationId": "signIn", "summary": "Sign in: exchange the token this request carries for a console session token",
-            "description": "In a cluster, send the Kubernetes bearer token once; the answer's token (valid 8 hours, only at this console process) is what a browser keeps instead, so no cluster credential stays in it. Locally the answer is the access token itself.",
+            "description": "In a cluster, send the Kubernetes bearer token once; the answer's token (valid 8 hours, at every console replica sharing the session key; without --session-key-file only at this process) is what a browser keeps instead, so no cluster credential stays in it. Locally the answer is the access token itself.",
             "responses": {
                 "201": json_response("The session", json!({"type": "object", "properties": {"token": {"type": "string"}, "expires": {"type": "integer", "description": "Seconds since the Unix epoch (cluster only)"}, "user": {"type": "object"}}})),
                 "401": response_ref("Unauthorized"),
@@ -578,6 +600,21 @@ fn backup_schemas() -> Value {
                 "displayName": {"type": "string"},
             },
         },
+        "Image": {
+            "type": "object", "required": ["digest", "image", "size", "importedAt", "recorded", "usedBy"],
+            "description": "A base image in the local image store",
+            "properties": {
+                "digest": {"type": "string", "description": "sha256:… of the disk's content"},
+                "image": {"type": "string", "example": "file:/srv/disks/debian.qcow2", "description": "What to write as spec.image.containerDisk to boot it: the source, or file:<stored copy> when the source is unknown"},
+                "source": {"type": "string", "description": "Where it was first imported from: file:…, oci:… or a registry reference (absent when unknown)"},
+                "format": {"type": "string", "enum": ["qcow2", "raw"]},
+                "size": {"type": "integer", "description": "Bytes the stored copy takes"},
+                "virtualSize": {"type": "integer", "description": "The disk's size as the guest sees it, in bytes"},
+                "importedAt": timestamp.clone(),
+                "recorded": {"type": "boolean", "description": "false for disks stored before paddock recorded sources: source and format are then derived"},
+                "usedBy": {"type": "array", "items": {"type": "string"}, "description": "The VMs built on it, as namespace/name"},
+            },
+        },
         "Operation": {
             "type": "object", "required": ["id", "kind", "namespace", "name", "phase", "progress", "message", "startedAt"],
             "properties": {
@@ -660,6 +697,21 @@ fn base_schemas() -> Value {
                 "size": {"type": "string", "description": "The requested size"},
                 "format": {"type": "string", "description": "After an upload: the disk's format from its header"},
                 "bytesSent": {"type": "integer", "description": "After an upload: the bytes the proxy accepted"},
+            },
+        },
+        "ConsoleAccess": {
+            "type": "object", "required": ["serial", "vnc"],
+            "properties": {
+                "serial": schema_ref("ConsoleAccessEntry"),
+                "vnc": schema_ref("ConsoleAccessEntry"),
+            },
+        },
+        "ConsoleAccessEntry": {
+            "type": "object", "required": ["allowed"],
+            "properties": {
+                "allowed": {"type": "boolean"},
+                "permission": schema_ref("ForbiddenError/properties/permission"),
+                "message": {"type": "string", "description": "When refused: who may not do what, and what to ask for"},
             },
         },
         "ForbiddenError": {

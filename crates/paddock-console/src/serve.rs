@@ -119,6 +119,9 @@ pub struct KubernetesServeOptions {
     pub proxy_headers: Option<ProxyHeaders>,
     /// CDI's upload proxy for disk uploads: its URL (CDIConfig's when `None`) and trust.
     pub upload_proxy: crate::kubernetes::UploadProxy,
+    /// The key sign-in sessions are signed with, shared by every replica (so any replica accepts
+    /// any replica's sessions); a key of this process only when `None`.
+    pub session_key: Option<crate::kubernetes::SessionKey>,
 }
 
 /// Where a running server is: the contents of `serve.json`.
@@ -234,8 +237,16 @@ pub async fn serve_kubernetes(
             "believing the identity headers of an authenticating proxy: make sure only that proxy can reach this console and that it strips those headers from client requests"
         );
     }
-    let authentication =
-        Authentication::Kubernetes(Arc::new(backend.authenticator(options.proxy_headers.clone())));
+    let authenticator = match options.session_key.clone() {
+        Some(key) => backend.authenticator_with_session_key(options.proxy_headers.clone(), key),
+        None => {
+            tracing::info!(
+                "sign-in sessions are signed with a key of this process: they end when it does and other replicas refuse them (give --session-key-file to share one)"
+            );
+            backend.authenticator(options.proxy_headers.clone())
+        }
+    };
+    let authentication = Authentication::Kubernetes(Arc::new(authenticator));
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|source| ServeError::Bind {

@@ -881,3 +881,144 @@ async fn snapshot_schedules_are_checked_and_run_in_cluster_mode() {
         .unwrap();
     expect_error(response, 501, "NotImplemented", "schedules run in cluster mode").await;
 }
+
+/// `qemu-img info` of `path` as JSON (the real tool, as the runtime runs it).
+fn qemu_img_info(path: &Path) -> Value {
+    let output = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "qemu-img info {}", path.display());
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(std::fs::read(path).unwrap());
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_library_lists_the_disks_stored_on_the_machine() {
+    let Some((qemu, disk)) = paddock_tests::testdisk::qemu_and_test_disk("console-api-images").unwrap()
+    else {
+        return;
+    };
+    let (scratch, state) = scratch("api-images");
+    let server = Server::start(&state, Some(&qemu)).await;
+    let images = |value: Value| value["items"].as_array().unwrap().clone();
+    assert!(
+        images(server.get_json("/api/v1/images").await).is_empty(),
+        "a new machine has no images"
+    );
+
+    // Creating a VM imports its disk: the library then names the source, format and sizes.
+    let image = format!("file:{}", disk.display());
+    let created = server
+        .request(reqwest::Method::POST, "/api/v1/vms")
+        .header(reqwest::header::CONTENT_TYPE, "application/yaml")
+        .body(manifest("library", &image))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let listed = images(server.get_json("/api/v1/images").await);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let test_disk = &listed[0];
+    let hex = sha256_hex(&disk);
+    let info = qemu_img_info(&disk);
+    assert_eq!(test_disk["digest"], format!("sha256:{hex}"));
+    assert_eq!(test_disk["source"], image.as_str());
+    assert_eq!(
+        test_disk["image"],
+        image.as_str(),
+        "the wizard boots the source again"
+    );
+    assert_eq!(test_disk["format"], info["format"]);
+    assert_eq!(test_disk["virtualSize"], info["virtual-size"]);
+    assert_eq!(test_disk["size"], std::fs::metadata(&disk).unwrap().len());
+    assert_eq!(test_disk["recorded"], true);
+    assert_eq!(test_disk["usedBy"], serde_json::json!(["default/library"]));
+    let imported_at = test_disk["importedAt"].as_str().unwrap();
+    assert!(
+        imported_at.len() == 20 && imported_at.ends_with('Z') && imported_at.starts_with("20"),
+        "RFC 3339 UTC: {imported_at}"
+    );
+    // The record sits next to the stored disk and is complete JSON.
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(state.join(format!("images/sha256/{hex}.json"))).unwrap())
+            .unwrap();
+    assert_eq!(record["source"], image.as_str());
+
+    // A base stored before records existed (a raw disk here): listed with what can be derived.
+    let raw = scratch.path().join("old.raw");
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&raw)
+        .arg("2M")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let old_hex = sha256_hex(&raw);
+    let stored = state.join(format!("images/sha256/{old_hex}"));
+    std::fs::copy(&raw, &stored).unwrap();
+    let listed = images(server.get_json("/api/v1/images").await);
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let old = listed
+        .iter()
+        .find(|entry| entry["digest"] == format!("sha256:{old_hex}"))
+        .unwrap();
+    assert_eq!(old["recorded"], false);
+    assert_eq!(old["format"], "raw", "qemu-img tells the format");
+    assert_eq!(old["virtualSize"], 2 * 1024 * 1024);
+    assert!(
+        old.get("source").is_none(),
+        "no record and no VM: the source is unknown"
+    );
+    let stored_image = format!("file:{}", stored.display());
+    assert_eq!(
+        old["image"],
+        stored_image.as_str(),
+        "the stored copy is what boots it"
+    );
+    assert_eq!(old["usedBy"], serde_json::json!([]));
+
+    // Booting the offered value imports nothing new, and the VM is then listed as a user.
+    let created = server
+        .request(reqwest::Method::POST, "/api/v1/vms")
+        .header(reqwest::header::CONTENT_TYPE, "application/yaml")
+        .body(manifest("from-library", &stored_image))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let listed = images(server.get_json("/api/v1/images").await);
+    assert_eq!(listed.len(), 2, "the same content is stored once: {listed:?}");
+    let old = listed
+        .iter()
+        .find(|entry| entry["digest"] == format!("sha256:{old_hex}"))
+        .unwrap();
+    assert_eq!(old["usedBy"], serde_json::json!(["default/from-library"]));
+    assert_eq!(
+        old["recorded"], false,
+        "a store path is no source worth recording"
+    );
+
+    // Deleting the VMs keeps the images in the library.
+    for name in ["library", "from-library"] {
+        let deleted = server
+            .request(reqwest::Method::DELETE, &format!("/api/v1/vms/default/{name}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), 204);
+    }
+    let listed = images(server.get_json("/api/v1/images").await);
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .all(|entry| entry["usedBy"] == serde_json::json!([]))
+    );
+}

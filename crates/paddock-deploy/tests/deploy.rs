@@ -18,8 +18,9 @@
 //!   configuration behind while the operator still runs; it releases its Lease — with no request
 //!   forbidden; every row of the RBAC table is allowed (SubjectAccessReview) and neighbouring
 //!   requests are denied.
-//! - the console (`console.enabled`, default on) renders five objects, its pod is admitted under the
-//!   restricted profile, the operator's gateway URL defaults to its Service, and its ServiceAccount
+//! - the console (`console.enabled`, default on) renders six objects (two replicas sharing the
+//!   generated session key Secret, or the one `console.sessionKeySecret` names), its pod is
+//!   admitted under the restricted profile, the operator's gateway URL defaults to its Service, and its ServiceAccount
 //!   can do every row of the console RBAC table (SubjectAccessReview) and no neighbouring request;
 //!   with the console off, `consoleGatewayUrl` is required.
 
@@ -102,10 +103,45 @@ fn helm_lints_the_chart_and_refuses_values_the_operator_would_refuse() {
         "helm lint: {}",
         String::from_utf8_lossy(&lint.stdout)
     );
-    // The defaults render 18 objects (the CRD in crds/ is installed, not templated): 13 of the
-    // operator and 5 of the console.
+    // The defaults render 19 objects (the CRD in crds/ is installed, not templated): 13 of the
+    // operator and 6 of the console.
     let defaults = helm_template(&zarf, "paddock", "paddock-system", &[]);
-    assert_eq!(defaults.len(), 18);
+    assert_eq!(defaults.len(), 19);
+    // Two console replicas, both given the generated session key Secret.
+    let console = defaults
+        .iter()
+        .find(|object| object["kind"] == "Deployment" && object["metadata"]["name"] == "paddock-console")
+        .unwrap();
+    assert_eq!(console["spec"]["replicas"], 2);
+    assert_eq!(
+        console["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"],
+        "paddock-console-session"
+    );
+    let key = defaults
+        .iter()
+        .find(|object| object["kind"] == "Secret" && object["metadata"]["name"] == "paddock-console-session")
+        .unwrap();
+    assert!(
+        key["data"]["key"].as_str().unwrap().len() >= 64,
+        "a generated key: {key:#?}"
+    );
+    // With a Secret of one's own, the chart makes none and mounts that one.
+    let own_key = helm_template(
+        &zarf,
+        "paddock",
+        "paddock-system",
+        &["console.sessionKeySecret=console-key"],
+    );
+    assert_eq!(own_key.len(), 18);
+    assert!(own_key.iter().all(|object| object["kind"] != "Secret"));
+    let console = own_key
+        .iter()
+        .find(|object| object["kind"] == "Deployment" && object["metadata"]["name"] == "paddock-console")
+        .unwrap();
+    assert_eq!(
+        console["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"],
+        "console-key"
+    );
     // The operator points Baffles at the console's Service.
     let operator = defaults
         .iter()
@@ -150,7 +186,8 @@ fn helm_lints_the_chart_and_refuses_values_the_operator_would_refuse() {
         "watchNamespace=Not_A_Namespace",
         "replica=3",
         "console.enabled=maybe",
-        "console.replicas=2",
+        "console.replicas=0",
+        "console.sessionKeySecret=Not_A_Name",
     ] {
         let output = helm_template_output(&zarf, "paddock", "paddock-system", &[bad]);
         assert!(!output.status.success(), "helm accepted {bad}");
@@ -389,6 +426,7 @@ async fn zarf_packages_the_chart_and_image_and_the_api_server_accepts_every_obje
         ("PodDisruptionBudget", 1),
         ("MutatingWebhookConfiguration", 1),
         ("ValidatingWebhookConfiguration", 1),
+        ("Secret", 1),
     ] {
         assert_eq!(kind_count(&objects, kind), count, "{kind} in {objects:#?}");
     }
@@ -405,8 +443,8 @@ async fn zarf_packages_the_chart_and_image_and_the_api_server_accepts_every_obje
         .iter()
         .find(|object| object["kind"] == "Deployment" && object["metadata"]["name"] == "paddock-console")
         .unwrap();
-    // One replica: the session signing key is per process.
-    assert_eq!(console["spec"]["replicas"], 1);
+    // Two replicas sharing the session key Secret.
+    assert_eq!(console["spec"]["replicas"], 2);
     assert_eq!(
         console["spec"]["template"]["spec"]["containers"][0]["image"],
         paddock_deploy::operator_image()
@@ -655,6 +693,7 @@ async fn the_console_service_account_can_do_exactly_the_console_table() {
         ("ServiceAccount", 1),
         ("ClusterRole", 1),
         ("ClusterRoleBinding", 1),
+        ("Secret", 1),
         ("Deployment", 1),
         ("Service", 1),
     ] {
@@ -667,7 +706,7 @@ async fn the_console_service_account_can_do_exactly_the_console_table() {
             "{kind}"
         );
     }
-    assert_eq!(console_objects.len(), 5);
+    assert_eq!(console_objects.len(), 6);
     for object in console_objects.iter().filter(|object| {
         ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"].contains(&object["kind"].as_str().unwrap())
     }) {

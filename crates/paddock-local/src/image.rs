@@ -17,13 +17,19 @@
 //!   image.
 //! - OCI layers are verified against their digest while they are read; the disk is the first
 //!   regular file under `disk/` (`disk/disk.img` in paddock's and KubeVirt's images).
+//! - Next to each stored base, `images/sha256/<hex>.json` records where it first came from (the
+//!   source as `file:`, `oci:` or a registry reference), its format, virtual size and when it was
+//!   imported, written atomically once the import is checked. Bases stored before records existed
+//!   have none; [`ImageStore::list`] derives what it can for them (size and time from the file,
+//!   format and virtual size from `qemu-img info`), and the runtime adds the source from the VMs
+//!   that use them.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use paddock_oci::registry::{NoTransferProgress, PullOptions, RegistryOptions, pull};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, RuntimeError};
@@ -93,6 +99,21 @@ impl ImageSource {
     }
 }
 
+impl std::fmt::Display for ImageSource {
+    /// The `containerDisk` value naming this source, with paths made absolute, so it means the
+    /// same thing from any directory.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageSource::File(path) => write!(formatter, "file:{}", path.display()),
+            ImageSource::OciLayout { path, tag: None } => write!(formatter, "oci:{}", path.display()),
+            ImageSource::OciLayout { path, tag: Some(tag) } => {
+                write!(formatter, "oci:{}:{tag}", path.display())
+            }
+            ImageSource::Registry(reference) => formatter.write_str(reference),
+        }
+    }
+}
+
 /// Whether a registry host is on this machine, where docker, skopeo and paddock speak plain http.
 pub(crate) fn is_loopback_registry(registry: &str) -> bool {
     let host = match registry.rsplit_once(':') {
@@ -119,6 +140,45 @@ pub(crate) struct StoredImage {
     /// `qcow2` or `raw`.
     pub format: String,
     pub virtual_size: u64,
+}
+
+/// What the store records about one base image, in `images/sha256/<hex>.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageRecord {
+    /// The source it was first imported from, as a `containerDisk` value.
+    source: String,
+    /// `qcow2` or `raw`.
+    format: String,
+    /// The disk's virtual size in bytes.
+    virtual_size: u64,
+    /// When it was imported, in seconds since the Unix epoch.
+    imported_at: u64,
+}
+
+/// A base image in the store, as [`crate::Runtime::images`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibraryImage {
+    /// `sha256:<hex>` of the content.
+    pub digest: String,
+    /// The stored file (read-only).
+    pub path: PathBuf,
+    /// The source it was first imported from, as a `containerDisk` value (`file:…`, `oci:…` or a
+    /// registry reference); `None` when neither a record nor a VM says.
+    pub source: Option<String>,
+    /// `qcow2` or `raw`; `None` when unknown (no record and `qemu-img` could not tell).
+    pub format: Option<String>,
+    /// Bytes the stored file takes.
+    pub size: u64,
+    /// The disk's virtual size in bytes, when known.
+    pub virtual_size: Option<u64>,
+    /// When it was imported, in seconds since the Unix epoch (the file's modification time for
+    /// bases stored without a record).
+    pub imported_at: u64,
+    /// Whether the import recorded the source and format (`false`: derived afterwards).
+    pub recorded: bool,
+    /// The VMs whose disks are overlays on this base.
+    pub used_by: Vec<crate::VmId>,
 }
 
 /// The base image store under `<state>/images`.
@@ -149,6 +209,7 @@ impl ImageStore {
     ) -> Result<StoredImage> {
         // A registry image is pulled into a layout in the store's directory first (async), then
         // imported like any local layout; the layout is removed afterwards.
+        let origin = source.to_string();
         let pulled = match source {
             ImageSource::Registry(reference) => Some(self.pull(reference).await?),
             _ => None,
@@ -186,12 +247,106 @@ impl ImageStore {
                 ),
             });
         }
+        self.remember(&digest, origin, &info)?;
         Ok(StoredImage {
             digest,
             path,
             format: info.format,
             virtual_size: info.virtual_size,
         })
+    }
+
+    /// Records where the base `digest` came from, unless an earlier import already did: the
+    /// first source is the one people recognise, and a record is never half written.
+    fn remember(&self, digest: &str, source: String, info: &ImageInfo) -> Result<()> {
+        let Ok(hex) = digest_hex(digest) else {
+            return Ok(());
+        };
+        let record_path = self.images_dir().join(format!("{hex}.json"));
+        // Booting a stored copy by its path (what the library offers for a base without a
+        // record) says nothing about where the disk came from.
+        let stored = format!("file:{}", self.images_dir().join(hex).display());
+        if source == stored || read_json::<ImageRecord>(&record_path).is_ok() {
+            return Ok(());
+        }
+        let record = ImageRecord {
+            source,
+            format: info.format.clone(),
+            virtual_size: info.virtual_size,
+            imported_at: crate::state::now_seconds(),
+        };
+        let bytes = serde_json::to_vec_pretty(&record).map_err(|error| RuntimeError::Image {
+            source_text: record.source.clone(),
+            reason: format!("cannot encode the image record: {error}"),
+        })?;
+        crate::state::write_atomically(&record_path, &bytes)
+    }
+
+    /// Every base in the store with what its record says, newest import first. Bases without a
+    /// record get their format and virtual size from `qemu_img info` when `qemu_img` is given;
+    /// `used_by` is left empty (the runtime knows the VMs).
+    pub(crate) async fn list(&self, qemu_img: Option<&Path>) -> Result<Vec<LibraryImage>> {
+        let directory = self.images_dir();
+        let entries = match std::fs::read_dir(&directory) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(RuntimeError::io("list", &directory, source)),
+        };
+        let mut images = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| RuntimeError::io("list", &directory, source))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Only finished imports: temporary files start with '.', records end in .json.
+            if name.len() != 64 || !name.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+                continue;
+            }
+            let path = entry.path();
+            let Ok(metadata) = entry.metadata() else {
+                // Removed while listing.
+                continue;
+            };
+            if !metadata.is_file() {
+                continue;
+            }
+            let modified = metadata
+                .modified()
+                .ok()
+                .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |elapsed| elapsed.as_secs());
+            let record = read_json::<ImageRecord>(&directory.join(format!("{name}.json"))).ok();
+            let mut image = LibraryImage {
+                digest: format!("sha256:{name}"),
+                path,
+                source: record.as_ref().map(|record| record.source.clone()),
+                format: record.as_ref().map(|record| record.format.clone()),
+                size: metadata.len(),
+                virtual_size: record.as_ref().map(|record| record.virtual_size),
+                imported_at: record.as_ref().map_or(modified, |record| record.imported_at),
+                recorded: record.is_some(),
+                used_by: Vec::new(),
+            };
+            if !image.recorded
+                && let Some(qemu_img) = qemu_img
+            {
+                match image_info(qemu_img, &image.path).await {
+                    Ok(info) => {
+                        image.format = Some(info.format);
+                        image.virtual_size = Some(info.virtual_size);
+                    }
+                    Err(error) => {
+                        tracing::warn!(image = %image.path.display(), %error, "cannot inspect a stored base image");
+                    }
+                }
+            }
+            images.push(image);
+        }
+        images.sort_by(|left, right| {
+            right
+                .imported_at
+                .cmp(&left.imported_at)
+                .then_with(|| left.digest.cmp(&right.digest))
+        });
+        Ok(images)
     }
 
     /// Pulls `reference` (linux/amd64) into `<store>/pulls/<temporary>/layout`.

@@ -21,7 +21,7 @@ pub mod seed;
 pub mod state;
 
 pub use error::{ErrorKind, Result, RuntimeError};
-pub use image::ImageSource;
+pub use image::{ImageSource, LibraryImage};
 pub use qemu::{Accelerator, AcceleratorChoice};
 pub use runtime::{DEFAULT_GRACEFUL_STOP_TIMEOUT, Runtime, RuntimeOptions, StopOutcome, VmEvent, VmInfo};
 pub use state::{

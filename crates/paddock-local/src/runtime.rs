@@ -31,7 +31,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
 
 use crate::error::{Result, RuntimeError};
-use crate::image::{ImageSource, ImageStore, StoredImage};
+use crate::image::{ImageSource, ImageStore, LibraryImage, StoredImage};
 use crate::qemu::{
     self, AcceleratorChoice, AcceleratorDecision, LaunchSpec, OVERLAY_NODE, QemuPrograms, UefiFirmware,
 };
@@ -700,6 +700,42 @@ impl Runtime {
         };
         inner.update_snapshots(&vm, |snapshots| snapshots.push(snapshot.clone()));
         Ok(snapshot)
+    }
+
+    /// The base images in the store (the image library), newest import first, each with the VMs
+    /// built on it. A base stored without a record gets its source and format from the first VM
+    /// (by name) that uses it, else from `qemu-img info`.
+    pub async fn images(&self) -> Result<Vec<LibraryImage>> {
+        let qemu_img = self.inner.programs.qemu_img().ok().map(Path::to_path_buf);
+        let mut images = self.inner.images.list(qemu_img.as_deref()).await?;
+        // (digest, vm, source, format), ordered by VM.
+        let disks: Vec<(String, VmId, String, String)> = lock(&self.inner.vms)
+            .values()
+            .map(|vm| {
+                let record = lock(&vm.record);
+                (
+                    record.disk.base_digest.clone(),
+                    vm.id.clone(),
+                    record.disk.source.clone(),
+                    record.disk.base_format.clone(),
+                )
+            })
+            .collect();
+        for image in &mut images {
+            for (digest, id, source, format) in &disks {
+                if *digest != image.digest {
+                    continue;
+                }
+                image.used_by.push(id.clone());
+                if image.source.is_none() {
+                    image.source = Some(source.clone());
+                }
+                if image.format.is_none() {
+                    image.format = Some(format.clone());
+                }
+            }
+        }
+        Ok(images)
     }
 
     /// The VM's snapshots, oldest first.

@@ -313,16 +313,40 @@ async fn create_writes_seed_firmware_and_record_and_refuses_bad_requests() {
         0o444
     );
 
-    // The same image again is not stored twice.
+    // The same image again is not stored twice (next to it: its record, `<hex>.json`).
     runtime
         .create(app("second", &image, "Manual", json!({})))
         .await
         .unwrap();
-    assert_eq!(
+    let stored_images = || {
         std::fs::read_dir(state_dir.join("images/sha256"))
             .unwrap()
-            .count(),
-        1
+            .filter(|entry| {
+                !entry
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".json")
+            })
+            .count()
+    };
+    assert_eq!(stored_images(), 1);
+    // The image library: the stored base, where it came from, and the VMs on it.
+    let library = runtime.images().await.unwrap();
+    assert_eq!(library.len(), 1, "{library:?}");
+    assert_eq!(library[0].digest, created.base_image_digest);
+    assert_eq!(library[0].source.as_deref(), Some(image.as_str()));
+    assert_eq!(library[0].format.as_deref(), Some("qcow2"));
+    assert!(library[0].recorded);
+    assert_eq!(library[0].size, std::fs::metadata(&disk).unwrap().len());
+    assert_eq!(
+        library[0]
+            .used_by
+            .iter()
+            .map(|vm| vm.name.as_str())
+            .collect::<Vec<_>>(),
+        ["second", "seeded"]
     );
 
     // Refusals, each with the kind the server maps to a status code.
@@ -356,12 +380,11 @@ async fn create_writes_seed_firmware_and_record_and_refuses_bad_requests() {
             .await
             .unwrap();
         assert_eq!(pulled.base_image_digest, created.base_image_digest);
-        assert_eq!(
-            std::fs::read_dir(state_dir.join("images/sha256"))
-                .unwrap()
-                .count(),
-            1
-        );
+        assert_eq!(stored_images(), 1);
+        // The record keeps the first source; the pulled VM is one more user.
+        let library = runtime.images().await.unwrap();
+        assert_eq!(library[0].source.as_deref(), Some(image.as_str()));
+        assert!(library[0].used_by.iter().any(|vm| vm.name == "pulled"));
         // The temporary pull layout is gone.
         assert_eq!(
             std::fs::read_dir(state_dir.join("images/pulls")).unwrap().count(),

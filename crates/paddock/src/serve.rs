@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// A PEM file with the CA that signed the upload proxy's certificate (added to the system's).
     #[arg(long, value_name = "FILE")]
     upload_proxy_ca_file: Option<PathBuf>,
+    /// A file with the key sign-in sessions are signed with (Kubernetes backend; at least 32
+    /// random bytes, e.g. a mounted Secret). Replicas given the same key accept each other's
+    /// sessions; without it the key is this process's own.
+    #[arg(long, env = "PADDOCK_SESSION_KEY_FILE", value_name = "FILE")]
+    session_key_file: Option<PathBuf>,
     /// Where to listen; loopback only unless --listen-any. Port 0 picks a free port.
     #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDRESS:PORT")]
     listen: SocketAddr,
@@ -146,6 +151,11 @@ fn run_kubernetes(arguments: &ServeArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
         })
         .transpose()?;
+    let session_key = arguments
+        .session_key_file
+        .as_deref()
+        .map(paddock_console::kubernetes::SessionKey::from_file)
+        .transpose()?;
     let options =
         paddock_console::KubernetesServeOptions {
             listen: arguments.listen,
@@ -166,6 +176,7 @@ fn run_kubernetes(arguments: &ServeArgs) -> anyhow::Result<()> {
                     insecure: false,
                 },
             },
+            session_key,
         };
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

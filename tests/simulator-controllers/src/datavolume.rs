@@ -12,7 +12,9 @@
 //!   `paddock_oci::extract_disk` and the disk by `qemu-img info` ([`crate::disk_check`]).
 //! - `source.upload`: UploadScheduled, then UploadReady; the upload proxy moves it to Succeeded.
 //! - `source.blank`: Succeeded at once (no file is written).
-//! - other sources stay Pending with `Running` False, reason `NotSupportedBySimulator`.
+//! - other sources are marked Pending with `Running` False, reason `NotSupportedBySimulator`, once:
+//!   a phase written afterwards (by a test acting as CDI's importer, e.g. ImportInProgress with a
+//!   `progress`) is left alone.
 //! - the disk lives at `<work_dir>/datavolumes/<namespace>/<name>-<uid>/disk.img`, named by the
 //!   [`ANNOTATION_DISK_PATH`](crate::ANNOTATION_DISK_PATH) annotation. There is no PVC; `claimName`
 //!   is still the DataVolume's name, as CDI reports it.
@@ -259,6 +261,11 @@ async fn reconcile(data_volume: Arc<DataVolume>, shared: Arc<Shared>) -> Result<
     if source.blank.is_some() {
         let status = succeeded_status(&data_volume, "Import Complete");
         patch_status(&api, &name, status).await?;
+        return Ok(Action::await_change());
+    }
+    if !current.is_empty() {
+        // Said so once; a later phase was written by someone standing in for CDI's importer (a
+        // test reporting progress as CDI would), which the simulator must not undo.
         return Ok(Action::await_change());
     }
     let mut status = status_patch(

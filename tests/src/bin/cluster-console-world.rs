@@ -2,17 +2,23 @@
 //!
 //! Role: Node cannot start the control plane, the KubeVirt simulator and the operator itself, so
 //! this binary does: the shared test cluster ([`Cluster::shared`]), a fresh namespace, the real
-//! `paddock operator` scoped to it and the real `paddock serve --kubeconfig` (cluster admin
-//! credentials, which it uses only with impersonation), an admin ServiceAccount bound to
-//! `cluster-admin` and a ServiceAccount `alice` with no rights, both with TokenRequest tokens.
+//! `paddock operator` scoped to it and two replicas of the real `paddock serve --kubeconfig`
+//! (cluster admin credentials, which it uses only with impersonation; one session key file), an
+//! admin ServiceAccount bound to `cluster-admin`, a ServiceAccount `alice` with no rights and a
+//! ServiceAccount `bob` who may view the VMs and open their serial consoles but not their screens,
+//! all with TokenRequest tokens.
 //!
 //! Contract (stdout is for the driver; logs go to stderr):
 //! - When everything is up, prints one JSON line
-//!   `{"url", "namespace", "adminToken", "userToken", "user"}`; or `{"skip": "<why>"}` and exits 0
-//!   when the cluster's prerequisites are missing and `PADDOCK_ALLOW_SKIP=1`.
+//!   `{"url", "replicaUrl", "namespace", "adminToken", "userToken", "user", "serialUserToken",
+//!   "testDisk"}`; or `{"skip": "<why>"}` and exits 0 when the cluster's prerequisites are missing
+//!   and `PADDOCK_ALLOW_SKIP=1`.
 //! - Then reads commands from stdin, one a line, answering each with one JSON line:
 //!   `grant` binds alice to a Role that lets her view the namespace's VMs and open their screens
-//!   (`{"granted": true}`), `logs` returns the console's and the operator's logs (`{"logs"}`).
+//!   (`{"granted": true}`), `logs` returns the console's and the operator's logs (`{"logs"}`),
+//!   `import-progress <datavolume> <phase> <progress>` writes a DataVolume's `status.phase` and
+//!   `status.progress` in the namespace as CDI's importer would (`{"patched": true}`; for sources
+//!   the simulator does not import, such as `http`, so a test can follow an import step by step).
 //! - At the end of stdin (the driver quit or died) it stops the console and the operator; the
 //!   cluster's watchdog stops the rest when this process ends.
 
@@ -93,7 +99,20 @@ fn serve_world() -> Result<(), WorldBinaryError> {
     let ns = namespace.name().to_string();
     let directory = tempfile::tempdir().map_err(io_error("create a temporary directory"))?;
 
-    let (console, url) = start_console(cluster, &directory.path().join("console.log"))?;
+    // Two console replicas sharing one session key file, as the chart runs them.
+    let session_key = directory.path().join("session-key");
+    let mut key_bytes = [0_u8; 48];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut key_bytes))
+        .map_err(io_error("generate a session key"))?;
+    let key_text: String = key_bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::write(&session_key, key_text).map_err(io_error("write the session key"))?;
+    let (console, url) = start_console(cluster, &directory.path().join("console.log"), &session_key)?;
+    let (replica, replica_url) = start_console(
+        cluster,
+        &directory.path().join("console-replica.log"),
+        &session_key,
+    )?;
     let operator = start_operator(cluster, &ns, &url, &directory.path().join("operator.log"))?;
 
     let admin_token = service_account_token(cluster, &directory, &ns, "console-admin")?;
@@ -108,12 +127,18 @@ fn serve_world() -> Result<(), WorldBinaryError> {
         }),
     )?;
     let user_token = service_account_token(cluster, &directory, &ns, "alice")?;
+    let serial_user_token = service_account_token(cluster, &directory, &ns, "bob")?;
+    grant_serial_only(cluster, &directory, &ns)?;
     say(&json!({
         "url": url,
+        // A second console with the same session key: it accepts the first one's sessions.
+        "replicaUrl": replica_url,
         "namespace": ns,
         "adminToken": admin_token,
         "userToken": user_token,
         "user": format!("system:serviceaccount:{ns}:alice"),
+        // bob may view the VMs and open their serial consoles, not their screens.
+        "serialUserToken": serial_user_token,
         // For the browser upload: the test disk (a qcow2), or null when it cannot be built.
         "testDisk": paddock_tests::testdisk::test_disk().ok(),
     }))?;
@@ -127,7 +152,22 @@ fn serve_world() -> Result<(), WorldBinaryError> {
             }
             "logs" => say(&json!({"logs": format!("{}\n-----\n{}", console.log(), operator.log())}))?,
             "" => {}
-            other => say(&json!({"error": format!("unknown command {other:?}; use grant or logs")}))?,
+            command if command.starts_with("import-progress ") => {
+                let words: Vec<&str> = command.split_whitespace().collect();
+                let answer = match words.as_slice() {
+                    [_, data_volume, phase, progress] => {
+                        match runtime.block_on(report_import(cluster, &ns, data_volume, phase, progress)) {
+                            Ok(()) => json!({"patched": true}),
+                            Err(error) => json!({"error": error.to_string()}),
+                        }
+                    }
+                    _ => json!({"error": "use import-progress <datavolume> <phase> <progress>"}),
+                };
+                say(&answer)?;
+            }
+            other => say(
+                &json!({"error": format!("unknown command {other:?}; use grant, logs or import-progress")}),
+            )?,
         }
     }
     // The ClusterRoleBinding is not in the namespace: remove it, best effort.
@@ -138,13 +178,43 @@ fn serve_world() -> Result<(), WorldBinaryError> {
         "--ignore-not-found",
     ]));
     drop(operator);
+    drop(replica);
     drop(console);
     drop(namespace);
     Ok(())
 }
 
+/// Writes a DataVolume's import phase and progress through its status subresource, as CDI's
+/// importer reports them.
+async fn report_import(
+    cluster: &Cluster,
+    namespace: &str,
+    data_volume: &str,
+    phase: &str,
+    progress: &str,
+) -> Result<(), WorldBinaryError> {
+    let client = cluster.admin_client().await?;
+    let api: kube::Api<kube::api::DynamicObject> =
+        kube::Api::namespaced_with(client, namespace, &paddock_tests::world::data_volumes());
+    api.patch_status(
+        data_volume,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"status": {"phase": phase, "progress": progress}})),
+    )
+    .await
+    .map_err(|error| WorldBinaryError::Io {
+        action: format!("patch the status of DataVolume {data_volume}"),
+        detail: error.to_string(),
+    })?;
+    Ok(())
+}
+
 /// `paddock serve --kubeconfig <admin>` on a free port; returns it and its base URL.
-fn start_console(cluster: &Cluster, log: &std::path::Path) -> Result<(Process, String), WorldBinaryError> {
+fn start_console(
+    cluster: &Cluster,
+    log: &std::path::Path,
+    session_key: &std::path::Path,
+) -> Result<(Process, String), WorldBinaryError> {
     let mut child = Command::new(paddock_binary()?)
         .arg("serve")
         .arg("--kubeconfig")
@@ -153,6 +223,8 @@ fn start_console(cluster: &Cluster, log: &std::path::Path) -> Result<(Process, S
         // The simulator's upload proxy (URL from CDIConfig) has a certificate of the test CA.
         .arg("--upload-proxy-ca-file")
         .arg(cluster.simulator_ca())
+        .arg("--session-key-file")
+        .arg(session_key)
         .env("RUST_LOG", "info,paddock_console=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -246,6 +318,38 @@ fn service_account_token(
         "1h",
     ]))?;
     Ok(token.trim().to_string())
+}
+
+/// A Role that lets bob view the namespace's VMs and open their serial consoles
+/// (`virtualmachineinstances/console`) but not their screens, and bob's RoleBinding to it.
+fn grant_serial_only(
+    cluster: &Cluster,
+    directory: &tempfile::TempDir,
+    namespace: &str,
+) -> Result<(), WorldBinaryError> {
+    kubectl_apply(
+        cluster,
+        directory,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "vm-serial-console", "namespace": namespace},
+            "rules": [
+                {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines", "virtualmachineinstances"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["subresources.kubevirt.io"], "resources": ["virtualmachineinstances/console"], "verbs": ["get"]},
+                {"apiGroups": ["snapshot.kubevirt.io"], "resources": ["virtualmachinesnapshots"], "verbs": ["get", "list", "watch"]},
+            ],
+        }),
+    )?;
+    kubectl_apply(
+        cluster,
+        directory,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "bob-uses-serial-consoles", "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vm-serial-console"},
+            "subjects": [{"kind": "ServiceAccount", "name": "bob", "namespace": namespace}],
+        }),
+    )
 }
 
 /// The Role a VM viewer needs (VMs, their snapshots, the VNC screen) and alice's RoleBinding to it.

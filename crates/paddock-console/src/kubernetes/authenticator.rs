@@ -17,10 +17,13 @@
 //! - Sign-in sessions: [`Authenticator::issue_session`] turns an authenticated user into a
 //!   console session token (`pds1.<claims>.<HMAC-SHA256>`, base64url; the claims are the user,
 //!   groups and expiry, [`SESSION_LIFETIME`] from issue). A browser keeps only that token, which
-//!   the API server would not accept: no cluster credential stays in the browser. The key is
-//!   random per process, so sessions end when the console restarts and are not valid at another
-//!   replica (run one replica, or route a user's requests to one). A session keeps the groups it
-//!   was issued with until it expires; RBAC still applies to them on every request.
+//!   the API server would not accept: no cluster credential stays in the browser (the claims are
+//!   only signed, not encrypted: they name the user and groups, which the user may see). The key
+//!   ([`SessionKey`]) comes from a file shared by every replica (`--session-key-file`, a mounted
+//!   Secret), so any replica accepts a session another issued and sessions survive restarts;
+//!   without one it is random per process (sessions end with the process and are valid at that
+//!   replica only). A session keeps the groups it was issued with until it expires; RBAC still
+//!   applies to them on every request.
 //! - Refusals say what to send; they never echo a token.
 
 use std::collections::HashMap;
@@ -46,6 +49,79 @@ const MAX_REVIEWS: usize = 10_000;
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(8 * 60 * 60);
 /// The prefix of console session tokens.
 const SESSION_PREFIX: &str = "pds1.";
+
+/// Bytes of secret material a session key file must hold at least.
+pub const SESSION_KEY_MIN_BYTES: usize = 32;
+
+/// Why a session key cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionKeyError {
+    /// The key file cannot be read.
+    #[error(
+        "cannot read the session key file {path}: {source}; mount the Secret holding it (the chart creates <release>-console-session) or leave --session-key-file out for a key of this process only"
+    )]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The key file holds too little secret material.
+    #[error(
+        "the session key in {path} is {length} bytes long: use at least {SESSION_KEY_MIN_BYTES} random bytes (e.g. `head -c 48 /dev/urandom | base64 -w0`)"
+    )]
+    TooShort {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its length without surrounding whitespace.
+        length: usize,
+    },
+    /// The operating system gave no random bytes.
+    #[error("cannot generate a session key: the operating system's random number generator failed ({0})")]
+    Random(String),
+}
+
+/// The key console session tokens are signed with (HMAC-SHA256). Consoles with the same key accept
+/// each other's sessions. `Debug` does not print it.
+#[derive(Clone)]
+pub struct SessionKey([u8; 32]);
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("SessionKey(<redacted>)")
+    }
+}
+
+impl SessionKey {
+    /// A random key, for one process.
+    pub fn generate() -> Result<SessionKey, SessionKeyError> {
+        let mut key = [0_u8; 32];
+        getrandom::fill(&mut key).map_err(|error| SessionKeyError::Random(error.to_string()))?;
+        Ok(SessionKey(key))
+    }
+
+    /// The key in `path` (e.g. a mounted Secret): any text or bytes, at least
+    /// [`SESSION_KEY_MIN_BYTES`] long without surrounding whitespace, hashed into the signing key
+    /// (so its encoding does not matter, and a trailing newline neither).
+    pub fn from_file(path: &std::path::Path) -> Result<SessionKey, SessionKeyError> {
+        let material = std::fs::read(path).map_err(|source| SessionKeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let material = material.trim_ascii();
+        if material.len() < SESSION_KEY_MIN_BYTES {
+            return Err(SessionKeyError::TooShort {
+                path: path.to_path_buf(),
+                length: material.len(),
+            });
+        }
+        let mut hasher = Sha256::new();
+        // Domain separation: the same secret used elsewhere gives an unrelated key here.
+        hasher.update(b"paddock console session key v1\n");
+        hasher.update(material);
+        Ok(SessionKey(hasher.finalize().into()))
+    }
+}
 
 /// What a session token vouches for.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -121,17 +197,36 @@ impl std::fmt::Debug for Authenticator {
 impl Authenticator {
     /// An authenticator reviewing tokens with `client` (the console's own credentials) and, when
     /// `proxy` is set, believing those identity headers.
+    /// Sessions are signed with a key of this process only.
     pub fn new(client: kube::Client, proxy: Option<ProxyHeaders>) -> Authenticator {
-        let mut session_key = [0_u8; 32];
-        if let Err(error) = getrandom::fill(&mut session_key) {
-            // Without randomness no session can be trusted: an all-zero key is never used,
-            // because issuing and checking refuse it.
-            tracing::error!(%error, "no randomness for the session key; sign-in sessions are disabled");
-        }
+        let session_key = SessionKey::generate().map_or_else(
+            |error| {
+                // Without randomness no session can be trusted: an all-zero key is never used,
+                // because issuing and checking refuse it.
+                tracing::error!(%error, "no randomness for the session key; sign-in sessions are disabled");
+                [0_u8; 32]
+            },
+            |key| key.0,
+        );
         Authenticator {
             client,
             proxy,
             session_key,
+            reviews: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Like [`Authenticator::new`], signing sessions with `key`: every console with the same key
+    /// accepts them.
+    pub fn with_session_key(
+        client: kube::Client,
+        proxy: Option<ProxyHeaders>,
+        key: SessionKey,
+    ) -> Authenticator {
+        Authenticator {
+            client,
+            proxy,
+            session_key: key.0,
             reviews: Mutex::new(HashMap::new()),
         }
     }
@@ -211,7 +306,7 @@ impl Authenticator {
         let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let refused = || {
             Refusal {
-            message: "the console session is not valid (it expired, or the console restarted): sign in again with a Kubernetes token".to_string(),
+            message: "the console session is not valid (it expired, or the console's session key changed): sign in again with a Kubernetes token".to_string(),
         }
         };
         let (claims, signature) = token.split_once('.').ok_or_else(refused)?;
@@ -341,6 +436,48 @@ mod tests {
                 .check_session(&format!("{forged}.{signature}"))
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn consoles_with_the_same_key_file_accept_each_others_sessions() {
+        let directory = paddock_tests::qemu::ScratchDirectory::new("session-key").unwrap();
+        let key_file = directory.path().join("key");
+        std::fs::write(&key_file, "dGhpcyBpcyBhIHRlc3Qga2V5IHdpdGggZW5vdWdoIGJ5dGVz\n").unwrap();
+        let console = |key: SessionKey| {
+            let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+            Authenticator::with_session_key(kube::Client::try_from(config).unwrap(), None, key)
+        };
+        let first = console(SessionKey::from_file(&key_file).unwrap());
+        let second = console(SessionKey::from_file(&key_file).unwrap());
+        let user = UserInfo {
+            username: "alice".into(),
+            uid: None,
+            groups: vec!["dev".into()],
+            extra: Default::default(),
+        };
+        let session = first.issue_session(&user).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {}", session.token)).unwrap(),
+        );
+        assert_eq!(second.authenticate(&headers, None).await.unwrap(), user);
+        // A different key file, or a per-process key, does not accept it.
+        std::fs::write(&key_file, "another key, also long enough to be accepted here").unwrap();
+        let third = console(SessionKey::from_file(&key_file).unwrap());
+        assert!(third.authenticate(&headers, None).await.is_err());
+        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+        let random = Authenticator::new(kube::Client::try_from(config).unwrap(), None);
+        assert!(random.authenticate(&headers, None).await.is_err());
+        // Short or missing key files are refused with what to do.
+        std::fs::write(&key_file, "short\n").unwrap();
+        let error = SessionKey::from_file(&key_file).unwrap_err().to_string();
+        assert!(error.contains("at least 32 random bytes"), "{error}");
+        let error = SessionKey::from_file(&directory.path().join("absent"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("mount the Secret"), "{error}");
+        assert!(!format!("{:?}", SessionKey::generate().unwrap()).contains('['));
     }
 
     #[test]

@@ -50,14 +50,15 @@ use tokio::task::AbortHandle;
 
 pub use access::{AccessReviewer, DECISION_LIFETIME};
 pub use authenticator::{
-    Authenticator, ProxyHeaders, REFUSAL_LIFETIME, REVIEW_LIFETIME, SESSION_LIFETIME, Session,
+    Authenticator, ProxyHeaders, REFUSAL_LIFETIME, REVIEW_LIFETIME, SESSION_KEY_MIN_BYTES, SESSION_LIFETIME,
+    Session, SessionKey, SessionKeyError,
 };
 pub use upload::UploadProxy;
 
 use crate::backend::{
-    Backend, BackendError, BackendResult, ConsoleChannel, ConsoleKind, ErrorKind, EventView, HealthCheck,
-    Permission, PowerAction, SnapshotRequest, SnapshotView, UploadRequest, UploadView, UserInfo, VmRef,
-    VmStatusView, VmView,
+    Backend, BackendError, BackendResult, ConsoleAccess, ConsoleAccessView, ConsoleChannel, ConsoleKind,
+    ErrorKind, EventView, HealthCheck, Permission, PowerAction, SnapshotRequest, SnapshotView, UploadRequest,
+    UploadView, UserInfo, VmRef, VmStatusView, VmView,
 };
 use views::{VmObjects, snapshot_source, snapshot_state, snapshot_view, status_view, vm_view};
 
@@ -294,6 +295,16 @@ impl KubernetesBackend {
     /// `proxy` headers when given (see [`authenticator`] for what that requires).
     pub fn authenticator(&self, proxy: Option<ProxyHeaders>) -> Authenticator {
         Authenticator::new(self.shared.client.clone(), proxy)
+    }
+
+    /// Like [`KubernetesBackend::authenticator`], signing sessions with `key`, which every
+    /// replica shares (so a session issued by one is accepted by all).
+    pub fn authenticator_with_session_key(
+        &self,
+        proxy: Option<ProxyHeaders>,
+        key: SessionKey,
+    ) -> Authenticator {
+        Authenticator::with_session_key(self.shared.client.clone(), proxy, key)
     }
 
     fn refuse<T: Send + 'static>(&self) -> BoxFuture<'static, BackendResult<T>> {
@@ -1446,6 +1457,34 @@ impl Backend for UserBackend {
                 &subresource_permission("get", "virtualmachineinstances", "vnc", &vm.namespace, &vm.name),
             )
             .await
+        })
+    }
+
+    fn console_access(&self, vm: VmRef) -> BoxFuture<'_, BackendResult<ConsoleAccessView>> {
+        Box::pin(async move {
+            // Each console is its own subresource with its own RBAC rule: review both, so a
+            // user allowed one learns exactly what the other needs.
+            let review = |subresource: &'static str| {
+                let permission = subresource_permission(
+                    "get",
+                    "virtualmachineinstances",
+                    subresource,
+                    &vm.namespace,
+                    &vm.name,
+                );
+                async move {
+                    match self.shared.access.require(&self.user, &permission).await {
+                        Ok(()) => Ok(ConsoleAccess::allowed()),
+                        Err(error) if error.kind == ErrorKind::Forbidden => Ok(ConsoleAccess::refused(error)),
+                        Err(error) => Err(error),
+                    }
+                }
+            };
+            let (serial, vnc) = futures_util::future::join(review("console"), review("vnc")).await;
+            Ok(ConsoleAccessView {
+                serial: serial?,
+                vnc: vnc?,
+            })
         })
     }
 
