@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the paddock operator image as an OCI archive, the file deploy/zarf.yaml's `imageArchives`
-# names, from a built `paddock` binary and the shared libraries it links (ldd) — no base image, no
+# names, from a built `paddock` binary, Debian's `qemu-img` and the shared libraries they link (ldd) —
+# no base image, no
 # registry, no network. The image reference inside the archive is the one zarf.yaml lists (the chart's
 # default image), so Zarf finds it there and, after `zarf package deploy`, its agent rewrites the
 # operator pods to the copy in the Zarf registry.
@@ -35,13 +36,25 @@ work=$(mktemp -d)
 trap 'buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs rm --all >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 rootfs="$work/rootfs"
 mkdir -p "$rootfs/usr/local/bin" "$rootfs/tmp"
+# Every library a program loads, at the path the dynamic loader looks for it (symlinks resolved).
+copy_libraries() {
+  ldd "$1" | awk '/=> \// {print $3} /^\t\/.*\(0x/ {print $1}' | while read -r library; do
+    mkdir -p "$rootfs$(dirname "$library")"
+    cp -L "$library" "$rootfs$library"
+  done
+}
 cp -L "$binary" "$rootfs/usr/local/bin/paddock"
-# Every library the binary loads, at the path the dynamic loader looks for it (symlinks resolved).
-ldd "$binary" | awk '/=> \// {print $3} /^\t\/.*\(0x/ {print $1}' | while read -r library; do
-  mkdir -p "$rootfs$(dirname "$library")"
-  cp -L "$library" "$rootfs$library"
-done
-chmod 0755 "$rootfs/usr/local/bin/paddock"
+copy_libraries "$binary"
+# qemu-img: backups (the operator's schedules, the console's backup pages) convert the exported raw
+# disk to qcow2 with it, as `paddock backup` does on a workstation.
+qemu_img=$(command -v qemu-img || true)
+if [[ -z "$qemu_img" ]]; then
+  echo "build-image: qemu-img is missing; install it (apt-get install qemu-utils): backups in the cluster need it" >&2
+  exit 1
+fi
+cp -L "$qemu_img" "$rootfs/usr/local/bin/qemu-img"
+copy_libraries "$qemu_img"
+chmod 0755 "$rootfs/usr/local/bin/paddock" "$rootfs/usr/local/bin/qemu-img"
 chmod 1777 "$rootfs/tmp"
 
 buildah=(buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs)

@@ -8,6 +8,7 @@ pub mod paths;
 pub mod processes;
 pub mod qemu;
 pub mod registry;
+pub mod registry_crash;
 pub mod schema;
 pub mod testdisk;
 pub mod vncdotool;

@@ -7,6 +7,9 @@
 //! and deletes a snapshot, and reaches the same screen at the URL of the BafflesApplication the
 //! operator wrote. A user without RBAC gets 403s naming the missing permission and no console;
 //! after a RoleBinding they can. Identity headers are believed only when the flag enables them.
+//! Backups: the admin backs a VM up to a real registry from the console (snapshot/export as the
+//! user, read through the simulator's export proxy), lists it and restores it under a new name; a
+//! user without RBAC for virtualmachineexports (or virtualmachineapps) gets a 403 naming it.
 
 // Test code: a failed unwrap is a failed test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -1108,4 +1111,296 @@ async fn upload_throughput_console_vs_cli() {
         rate(console_total),
         rate(cli_total)
     );
+}
+
+/// Polls `GET /api/v1/operations/{id}` until the operation ended; returns it.
+async fn wait_operation(user: &User, operation: &Value, logs: &[&Process]) -> Value {
+    let id = operation["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let current = user
+            .ok(reqwest::Method::GET, &format!("/api/v1/operations/{id}"), None)
+            .await;
+        if current["phase"] != "Running" {
+            return current;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = logs.iter().map(|process| process.log()).collect();
+            panic!(
+                "operation {id} still runs: {current:#}\nlogs:\n{}",
+                logs.join("\n-----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Backups in cluster mode: the admin backs a VM (a persistent disk imported from a real registry)
+/// up from the console, sees the backup listed, restores it under a new name and finds the new
+/// VirtualMachineApp pinned to the backup; a user who may read VMs but not create
+/// virtualmachineexports gets a 403 naming that permission, and nothing starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_and_restores_run_through_the_console_as_the_user() {
+    use paddock_tests::registry::{RegistryAuth, require_registry};
+    use paddock_tests::world::{allow_insecure_registry, virtual_machine_apps};
+
+    let Some(cluster) = Cluster::shared().unwrap() else {
+        return;
+    };
+    let Some(registry) = require_registry("console-backup", RegistryAuth::None).unwrap() else {
+        return;
+    };
+    let namespace: TestNamespace = cluster.namespace("console-backup").await.unwrap();
+    let ns = namespace.name().to_string();
+    let client = cluster.admin_client().await.unwrap();
+    allow_insecure_registry(&client, registry.address(), TIMEOUT)
+        .await
+        .unwrap();
+
+    // A 64 MiB disk with a marker, packaged and pushed: the VM's image.
+    let directory = tempfile::tempdir().unwrap();
+    let raw = directory.path().join("disk.raw");
+    let mut bytes = vec![0_u8; 64 << 20];
+    bytes[8 << 20..(8 << 20) + 4].copy_from_slice(&[0xa5; 4]);
+    std::fs::write(&raw, &bytes).unwrap();
+    let disk = directory.path().join("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&disk))
+    .unwrap();
+    let layout = directory.path().join("disk.oci");
+    let image = format!("{}/vms/source:1", registry.address());
+    run(Command::new(paddock_binary().unwrap())
+        .arg("package")
+        .arg(&disk)
+        .args(["--image", &image, "--output"])
+        .arg(&layout))
+    .unwrap();
+    run(Command::new(paddock_binary().unwrap())
+        .arg("push")
+        .arg(&layout)
+        .arg(&image)
+        .arg("--insecure"))
+    .unwrap();
+
+    // The console reads the simulator's export proxy (it runs outside the cluster) and may speak
+    // plain http to the loopback registry.
+    let (console, base) = start_console(
+        cluster,
+        &["--registry-allow-insecure", "--backup-export-link", "external"],
+    );
+    let operator = start_operator(cluster, &ns, &base);
+    wait_ready(&base, &console).await;
+    let logs = [&console, &operator];
+    let admin_token = service_account_token(cluster, &ns, "backup-admin");
+    kubectl_apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": format!("{ns}-backup-admin")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": "backup-admin", "namespace": ns}],
+        }),
+    );
+    let admin = User::new(&base, &admin_token);
+    let manifest = json!({
+        "apiVersion": "paddock.dev/v1alpha1",
+        "kind": "VirtualMachineApp",
+        "metadata": {"name": "source", "namespace": ns},
+        "spec": {
+            "displayName": "Backed up from the console",
+            "image": {"containerDisk": image, "persistent": true},
+            "resources": {"cpu": 1, "memory": "256Mi"},
+            "disk": {"size": "64Mi"},
+            "runStrategy": "Halted",
+        },
+    });
+    admin
+        .ok(
+            reqwest::Method::POST,
+            "/api/v1/vms",
+            Some(("application/json", manifest.to_string())),
+        )
+        .await;
+    wait_vm(&admin, &ns, "source", "Stopped", &logs, |view| {
+        view["status"]["phase"] == "Stopped"
+    })
+    .await;
+
+    // A user who may read VMs but not export them: 403 naming the missing permission.
+    let reader_token = service_account_token(cluster, &ns, "reader");
+    kubectl_apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "vm-reader", "namespace": ns},
+            "rules": [
+                {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines", "virtualmachineinstances"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["paddock.dev"], "resources": ["virtualmachineapps"], "verbs": ["get", "list", "watch"]},
+            ],
+        }),
+    );
+    kubectl_apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "vm-reader", "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vm-reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}],
+        }),
+    );
+    let reader = User::new(&base, &reader_token);
+    let repository = format!("{}/backups/source", registry.address());
+    let request = json!({"repository": repository, "insecure": true}).to_string();
+    let backups_path = format!("/api/v1/vms/{ns}/source/backups");
+    let deadline = Instant::now() + TIMEOUT;
+    let refused = loop {
+        let (status, body) = reader
+            .request(
+                reqwest::Method::POST,
+                &backups_path,
+                Some(("application/json", request.clone())),
+            )
+            .await;
+        // The RoleBinding may take a moment to reach the authorizer.
+        if status == 403 && body["permission"]["resource"] == "virtualmachineexports" {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "{status} {body:#}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(refused["permission"]["verb"], "create", "{refused:#}");
+    assert_eq!(
+        refused["permission"]["group"], "export.kubevirt.io",
+        "{refused:#}"
+    );
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("may not create virtualmachineexports"),
+        "{refused:#}"
+    );
+    assert_eq!(
+        reader.ok(reqwest::Method::GET, "/api/v1/operations", None).await["items"],
+        json!([]),
+        "a refused backup starts no operation"
+    );
+
+    // The admin backs up: a Running operation with progress, then Succeeded with the backup.
+    let (status, started) = admin
+        .request(
+            reqwest::Method::POST,
+            &backups_path,
+            Some(("application/json", request.clone())),
+        )
+        .await;
+    assert_eq!(status, 202, "{started:#}");
+    assert_eq!(started["kind"], "Backup");
+    assert_eq!(started["phase"], "Running");
+    let ended = wait_operation(&admin, &started, &logs).await;
+    assert_eq!(ended["phase"], "Succeeded", "{ended:#}");
+    let backup = ended["backup"].clone();
+    assert_eq!(backup["namespace"], ns.as_str());
+    assert_eq!(backup["name"], "source");
+    assert_eq!(backup["displayName"], "Backed up from the console");
+    assert!(
+        backup["diskVirtualSize"].as_u64().unwrap() >= 64 << 20,
+        "{backup:#}"
+    );
+    let tag = backup["tag"].as_str().unwrap().to_string();
+    assert!(tag.starts_with("source-"), "{backup:#}");
+    // The export and its token are gone afterwards.
+    let exports: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &paddock_tests::world::api_resource(
+            "export.kubevirt.io",
+            "v1beta1",
+            "VirtualMachineExport",
+            "virtualmachineexports",
+        ),
+    );
+    assert!(
+        exports.list(&Default::default()).await.unwrap().items.is_empty(),
+        "the backup's VirtualMachineExport was not deleted"
+    );
+
+    // Listed, for the admin; the reader may list VMs in the namespace and sees it too; a listing
+    // query for a namespace the reader may not list is refused.
+    let query = format!("repository={repository}&insecure=true");
+    let listed = admin
+        .ok(reqwest::Method::GET, &format!("/api/v1/backups?{query}"), None)
+        .await;
+    let tags: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["tag"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags, [tag.as_str()], "{listed:#}");
+    let of_vm = admin
+        .ok(reqwest::Method::GET, &format!("{backups_path}?{query}"), None)
+        .await;
+    assert_eq!(of_vm["items"][0]["pinnedReference"], backup["pinnedReference"]);
+    let (status, body) = reader
+        .get(&format!("/api/v1/backups?{query}&namespace=kube-system"))
+        .await;
+    assert_eq!(status, 403, "{body:#}");
+
+    // Restored under a new name: a VirtualMachineApp pinned to the backup, made as the admin.
+    let restore = json!({
+        "reference": backup["pinnedReference"],
+        "insecure": true,
+        "name": "restored",
+    })
+    .to_string();
+    let (status, started) = admin
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/backups/restore",
+            Some(("application/json", restore.clone())),
+        )
+        .await;
+    assert_eq!(status, 202, "{started:#}");
+    assert_eq!(started["kind"], "Restore");
+    let ended = wait_operation(&admin, &started, &logs).await;
+    assert_eq!(ended["phase"], "Succeeded", "{ended:#}");
+    assert_eq!(ended["result"], format!("{ns}/restored"));
+    let apps: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &virtual_machine_apps());
+    let restored = apps.get("restored").await.unwrap();
+    assert_eq!(
+        restored.data["spec"]["image"]["containerDisk"],
+        backup["pinnedReference"]
+    );
+    assert_eq!(restored.data["spec"]["displayName"], "Backed up from the console");
+    wait_vm(&admin, &ns, "restored", "visible", &logs, |view| {
+        view["name"] == "restored"
+    })
+    .await;
+    // Restoring onto an existing name without replace is refused before anything starts.
+    let (status, body) = admin
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/backups/restore",
+            Some(("application/json", restore)),
+        )
+        .await;
+    assert_eq!(status, 409, "{body:#}");
+    // The reader may not create VirtualMachineApps: 403 naming that.
+    let (status, body) = reader
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/backups/restore",
+            Some((
+                "application/json",
+                json!({"reference": backup["pinnedReference"], "insecure": true, "name": "mine"}).to_string(),
+            )),
+        )
+        .await;
+    assert_eq!(status, 403, "{body:#}");
+    assert_eq!(body["permission"]["resource"], "virtualmachineapps", "{body:#}");
+    assert_eq!(body["permission"]["verb"], "create", "{body:#}");
+    drop(registry);
 }

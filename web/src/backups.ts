@@ -6,7 +6,7 @@
 // operation still running when the page is opened again. The repository and the insecure choice
 // are remembered in localStorage (they are not secrets; registry credentials stay on the server).
 
-import { ApiError, Vm, backend, request, vmPath } from "./api";
+import { Vm, backend, request, vmPath } from "./api";
 import { h, replaceChildren, timeAgo } from "./dom";
 import { store } from "./store";
 import { Page, confirmDialog, errorBox, toast } from "./ui";
@@ -243,15 +243,6 @@ function repositoryForm(idPrefix: string, submitLabel: string, secondary?: HTMLB
  * depends on the VM's state (Replace needs it stopped). `dispose()` stops polling.
  */
 export function backupSection(namespace: string, name: string): { element: HTMLElement; update: (vm: Vm) => void; dispose: () => void } {
-  if (backend() === "kubernetes") {
-    const note = h(
-      "section",
-      { "aria-labelledby": "backups-title" },
-      h("h2", { id: "backups-title" }, "Backups"),
-      h("p", { class: "muted", id: "backups-unsupported" }, "Backups from the console are not supported in cluster mode yet; use `paddock backup create --kubeconfig …` and `paddock backup restore --kubeconfig …`."),
-    );
-    return { element: note, update: () => undefined, dispose: () => undefined };
-  }
   let gone = false;
   let busy = false;
   let backups: Backup[] | null = null;
@@ -299,7 +290,11 @@ export function backupSection(namespace: string, name: string): { element: HTMLE
         replace.addEventListener("click", async () => {
           const ok = await confirmDialog({
             title: `Replace ${name} with ${backup.tag}?`,
-            body: [`${name}'s disk and snapshots are deleted once the backup is pulled and verified; the VM comes back as it was at ${new Date(backup.createdAt).toLocaleString()}.`],
+            body: [
+              backend() === "kubernetes"
+                ? `${name}'s VirtualMachineApp, VM and disk are deleted, then created again from the backup; the VM comes back as it was at ${new Date(backup.createdAt).toLocaleString()}.`
+                : `${name}'s disk and snapshots are deleted once the backup is pulled and verified; the VM comes back as it was at ${new Date(backup.createdAt).toLocaleString()}.`,
+            ],
             confirmLabel: "Replace",
             typeToConfirm: name,
           });
@@ -442,12 +437,13 @@ export const backupsPage: Page = (root) => {
   replaceChildren(
     root,
     h("div", { class: "page-head" }, h("h1", {}, "Backups")),
-    backend() === "kubernetes"
-      ? errorBox(new ApiError(501, "NotImplemented", "Backups from the console are not supported in cluster mode yet; use `paddock backup list --kubeconfig …`."), "Not available in cluster mode")
-      : [form, progress, errors, list],
+    form,
+    progress,
+    errors,
+    list,
   );
   const saved = remembered();
-  if (saved.repository && backend() !== "kubernetes") void load(saved);
+  if (saved.repository) void load(saved);
   return () => {
     gone = true;
   };

@@ -48,7 +48,7 @@ function layout(): void {
     route();
   });
   const user = sessionStorage.getItem(USER_KEY);
-  replaceChildren(nav, h("a", { href: "#/" }, "Virtual machines"), h("a", { href: "#/create" }, "Create"), backend() === "local" ? h("a", { href: "#/backups" }, "Backups") : null, backend() === "kubernetes" ? h("a", { href: "#/upload", id: "nav-upload" }, "Upload disk") : null, h("span", { class: "spacer" }), user ? h("span", { class: "muted", id: "signed-in-user" }, user) : null, h("a", { href: "/openapi.json", target: "_blank", rel: "noopener", id: "api-link" }, "API"), signOutButton);
+  replaceChildren(nav, h("a", { href: "#/" }, "Virtual machines"), h("a", { href: "#/create" }, "Create"), h("a", { href: "#/backups", id: "nav-backups" }, "Backups"), backend() === "kubernetes" ? h("a", { href: "#/upload", id: "nav-upload" }, "Upload disk") : null, h("span", { class: "spacer" }), user ? h("span", { class: "muted", id: "signed-in-user" }, user) : null, h("a", { href: "/openapi.json", target: "_blank", rel: "noopener", id: "api-link" }, "API"), signOutButton);
   replaceChildren(
     document.body,
     h("a", { class: "skip-link", href: "#main" }, "Skip to content"),

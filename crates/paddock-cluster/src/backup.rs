@@ -17,6 +17,10 @@
 //!   deleted is reported through [`BackupProgress::message`].
 //! - The backup is complete only once its manifest is pushed (the format's completeness rule), so
 //!   a failure at any step leaves no listed backup behind.
+//! - The push's upload sessions outlive the scratch directory: between runs they wait in
+//!   `<scratch parent>/paddock-cluster-backup-sessions/<namespace>/<name>/`, so a rerun after an
+//!   interrupted push (the same disk content gives the same layer) continues the layer at its last
+//!   acknowledged chunk instead of sending it again.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -626,12 +630,17 @@ async fn backup_in(
         image: None,
         ..options.push.clone()
     };
-    let report = paddock_oci::registry::push(&layout, &reference, &push_options, progress)
-        .await
-        .map_err(|source| BackupError::Push {
-            reference: reference.clone(),
-            source,
-        })?;
+    let sessions = sessions_directory(options, namespace, name);
+    move_upload_sessions(&sessions, &layout);
+    let pushed = paddock_oci::registry::push(&layout, &reference, &push_options, progress).await;
+    // Sessions of blobs now complete are gone from the layout; the others may serve a rerun.
+    if std::fs::create_dir_all(&sessions).is_ok() {
+        move_upload_sessions(&layout, &sessions);
+    }
+    let report = pushed.map_err(|source| BackupError::Push {
+        reference: reference.clone(),
+        source,
+    })?;
     Ok(BackupReport {
         pinned_reference: format!("{repository}@{}", built.manifest_digest),
         reference,
@@ -642,6 +651,43 @@ async fn backup_in(
         info,
         push: report,
     })
+}
+
+/// Where the upload sessions of backups of `namespace/name` wait between runs.
+fn sessions_directory(options: &BackupOptions, namespace: &str, name: &str) -> std::path::PathBuf {
+    options
+        .scratch_parent
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("paddock-cluster-backup-sessions")
+        .join(namespace)
+        .join(name)
+}
+
+/// Moves the push's saved upload sessions (`.paddock-push-<hex>.json`, see
+/// `paddock_oci::registry`) from one directory to another. When the destination is a layout, only
+/// sessions of blobs it holds move; a move that fails only costs a resume.
+fn move_upload_sessions(from: &Path, to: &Path) {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    let to_layout = to.join("blobs").join("sha256");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(text) = name.to_str() else {
+            continue;
+        };
+        let Some(hex) = text
+            .strip_prefix(".paddock-push-")
+            .and_then(|rest| rest.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        if to_layout.is_dir() && !to_layout.join(hex).is_file() {
+            continue;
+        }
+        let _ = std::fs::rename(entry.path(), to.join(text));
+    }
 }
 
 async fn take_snapshot(apis: &ClusterApis, names: &Names<'_>) -> Result<()> {

@@ -883,7 +883,7 @@ fn backups_not_implemented(kind: &str, verb: &str) -> BackendError {
     BackendError::new(
         ErrorKind::NotImplemented,
         format!(
-            "cannot {verb} backups from the console with the {kind} backend: not supported from the console in cluster mode yet; use `paddock backup create|list|restore --kubeconfig …` on a machine with access to the cluster"
+            "cannot {verb} backups from the console with the {kind} backend: it does not implement backups; use `paddock backup create|list|restore`"
         ),
     )
 }

@@ -3,7 +3,8 @@
 //!
 //! Role: what [`crate::local::LocalBackend`]'s backup methods do; the format and the guarantees
 //! of a backup are `paddock_local::backup`'s and `paddock_oci::backup`'s, exactly as the CLI's
-//! `paddock backup` uses them.
+//! `paddock backup` uses them. The operations table and the progress folding are shared with the
+//! Kubernetes backend's backups (`crate::kubernetes`), which run `paddock_cluster::backup`.
 //!
 //! Contract:
 //! - A request is checked before any work starts, so a refusal is an error answer and nothing
@@ -93,7 +94,7 @@ impl Operations {
     }
 
     /// Registers a new running operation on VM `vm`, unless one is running on it already.
-    fn begin(&self, kind: &str, vm: &VmId, message: &str) -> BackendResult<OperationView> {
+    pub(crate) fn begin(&self, kind: &str, vm: &VmId, message: &str) -> BackendResult<OperationView> {
         let mut entries = self.lock();
         if let Some(running) = entries.iter().find(|operation| {
             operation.phase == OperationPhase::Running
@@ -151,14 +152,14 @@ impl Operations {
         }
     }
 
-    fn progress(&self, id: &str, progress: OperationProgress, message: &str) {
+    pub(crate) fn progress(&self, id: &str, progress: OperationProgress, message: &str) {
         self.update(id, |operation| {
             operation.progress = progress;
             operation.message = message.to_string();
         });
     }
 
-    fn finish(&self, id: &str, outcome: BackendResult<(String, Option<BackupView>)>) {
+    pub(crate) fn finish(&self, id: &str, outcome: BackendResult<(String, Option<BackupView>)>) {
         self.update(id, |operation| {
             operation.finished_at = Some(now_rfc3339());
             match outcome {
@@ -211,7 +212,7 @@ fn operation_id() -> String {
     )
 }
 
-fn registry_options(insecure: bool) -> RegistryOptions {
+pub(crate) fn registry_options(insecure: bool) -> RegistryOptions {
     RegistryOptions {
         insecure,
         credentials: None,
@@ -220,7 +221,7 @@ fn registry_options(insecure: bool) -> RegistryOptions {
 }
 
 /// The backend error for a registry-side failure of a backup, list or restore of `what`.
-fn oci_error(what: &str, error: OciBackupError) -> BackendError {
+pub(crate) fn oci_error(what: &str, error: OciBackupError) -> BackendError {
     let kind = match &error {
         OciBackupError::Reference { .. } => ErrorKind::BadRequest,
         OciBackupError::NotABackup { .. } => ErrorKind::InvalidSpec,
@@ -250,7 +251,7 @@ fn local_backup_error(what: &str, error: LocalBackupError) -> BackendError {
     }
 }
 
-fn backup_view(entry: &BackupEntry) -> BackupView {
+pub(crate) fn backup_view(entry: &BackupEntry) -> BackupView {
     BackupView {
         reference: entry.reference.clone(),
         pinned_reference: entry.pinned_reference.clone(),
@@ -267,7 +268,16 @@ fn backup_view(entry: &BackupEntry) -> BackupView {
 
 /// The complete backups in a repository, oldest first, optionally of one VM.
 pub async fn list(request: BackupListRequest) -> BackendResult<Vec<BackupView>> {
-    let mut entries = list_backups(&request.repository, &registry_options(request.insecure))
+    let registry = registry_options(request.insecure);
+    list_with(request, &registry).await
+}
+
+/// [`list`] with these registry options (the Kubernetes backend's credentials).
+pub(crate) async fn list_with(
+    request: BackupListRequest,
+    registry: &RegistryOptions,
+) -> BackendResult<Vec<BackupView>> {
+    let mut entries = list_backups(&request.repository, registry)
         .await
         .map_err(|error| {
             oci_error(
@@ -306,17 +316,7 @@ pub async fn start_backup(
     }
     let what = format!("cannot back up virtual machine {id} to {}", request.repository);
     let registry = registry_options(request.insecure);
-    check_repository(&request.repository, &registry)
-        .await
-        .map_err(|error| {
-            let mut mapped = oci_error(&what, error);
-            if !request.insecure && mapped.kind == ErrorKind::BadGateway {
-                mapped
-                    .message
-                    .push_str(" (a registry that speaks plain http needs \"insecure\": true)");
-            }
-            mapped
-        })?;
+    check_registry(&what, &request.repository, &registry).await?;
     let operation = operations.begin(
         "Backup",
         &id,
@@ -331,11 +331,10 @@ pub async fn start_backup(
         },
         image: ImageOptions::default(),
     };
-    let progress = Arc::new(OperationBackupProgress {
-        operations: Arc::clone(&operations),
-        id: operation.id.clone(),
-        state: Mutex::new(ProgressState::default()),
-    });
+    let progress = Arc::new(OperationBackupProgress::new(
+        Arc::clone(&operations),
+        &operation.id,
+    ));
     let operation_id = operation.id.clone();
     tokio::spawn(async move {
         let outcome = match backup(&runtime, &id, &options, progress).await {
@@ -359,6 +358,24 @@ pub async fn start_backup(
         operations.finish(&operation_id, outcome);
     });
     Ok(operation)
+}
+
+/// Checks that the registry of `repository` answers and lets these credentials push; `what` starts
+/// the error message.
+pub(crate) async fn check_registry(
+    what: &str,
+    repository: &str,
+    registry: &RegistryOptions,
+) -> BackendResult<()> {
+    check_repository(repository, registry).await.map_err(|error| {
+        let mut mapped = oci_error(what, error);
+        if !registry.insecure && mapped.kind == ErrorKind::BadGateway {
+            mapped
+                .message
+                .push_str(" (a registry that speaks plain http needs \"insecure\": true)");
+        }
+        mapped
+    })
 }
 
 fn report_view(report: &BackupReport) -> BackupView {
@@ -469,20 +486,37 @@ pub async fn start_restore(
     Ok(operation)
 }
 
-/// The progress of one backup, folded into its operation.
-struct OperationBackupProgress {
+/// The progress of one backup (local or cluster), folded into its operation.
+pub(crate) struct OperationBackupProgress {
     operations: Arc<Operations>,
     id: String,
     state: Mutex<ProgressState>,
 }
 
+/// The stages an operation shows, whichever backend backs up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Snapshotting and exporting (local: copying the snapshot; cluster: VirtualMachineSnapshot
+    /// and VirtualMachineExport).
+    Exporting,
+    /// Downloading the exported disk (cluster).
+    Downloading,
+    /// Converting the downloaded disk to qcow2 (cluster).
+    Converting,
+    Compressing,
+    Uploading,
+}
+
 #[derive(Debug, Default)]
 struct ProgressState {
-    stage: Option<BackupStage>,
-    built: u64,
-    build_total: u64,
+    stage: Option<Stage>,
+    /// Bytes of the current download or compression, and their total (0: unknown).
+    done: u64,
+    total: u64,
     /// Blobs of the push by digest: (bytes done, size).
     blobs: HashMap<String, (u64, u64)>,
+    /// Messages of the backup worth keeping (e.g. what could not be cleaned up).
+    warnings: Vec<String>,
 }
 
 // Shares of the whole backup, in percent: the export is quick next to compressing and uploading.
@@ -491,6 +525,24 @@ const BUILD_SHARE: u64 = 50;
 const PUSH_SHARE: u64 = 39;
 
 impl OperationBackupProgress {
+    /// The progress of operation `id`.
+    pub(crate) fn new(operations: Arc<Operations>, id: &str) -> OperationBackupProgress {
+        OperationBackupProgress {
+            operations,
+            id: id.to_string(),
+            state: Mutex::new(ProgressState::default()),
+        }
+    }
+
+    /// The warnings the backup reported so far.
+    pub(crate) fn warnings(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .warnings
+            .clone()
+    }
+
     fn publish(&self, state: &ProgressState) {
         // Nothing known yet (total 0) counts as nothing done.
         let share = |done: u64, total: u64, width: u64| {
@@ -500,21 +552,35 @@ impl OperationBackupProgress {
                 .unwrap_or(0)
         };
         let (stage, done, total, percent, message) = match state.stage {
-            None | Some(BackupStage::Exporting) => (
+            None | Some(Stage::Exporting) => (
                 "Exporting",
                 0,
                 0,
                 0,
                 "snapshotting the disk and copying the snapshot".to_string(),
             ),
-            Some(BackupStage::Building { .. }) => (
+            Some(Stage::Downloading) => (
+                "Downloading",
+                state.done,
+                state.total,
+                share(state.done, state.total, EXPORT_SHARE),
+                "downloading the exported disk".to_string(),
+            ),
+            Some(Stage::Converting) => (
+                "Converting",
+                0,
+                0,
+                EXPORT_SHARE,
+                "converting the exported disk to qcow2 (allocated clusters only)".to_string(),
+            ),
+            Some(Stage::Compressing) => (
                 "Compressing",
-                state.built,
-                state.build_total,
-                EXPORT_SHARE + share(state.built, state.build_total, BUILD_SHARE),
+                state.done,
+                state.total,
+                EXPORT_SHARE + share(state.done, state.total, BUILD_SHARE),
                 "compressing and hashing the disk copy".to_string(),
             ),
-            Some(BackupStage::Pushing) => {
+            Some(Stage::Uploading) => {
                 let (done, total) = state
                     .blobs
                     .values()
@@ -547,6 +613,18 @@ impl OperationBackupProgress {
         change(&mut state);
         self.publish(&state);
     }
+
+    fn enter(&self, stage: Stage, total: u64) {
+        self.with_state(|state| {
+            state.stage = Some(stage);
+            state.done = 0;
+            state.total = total;
+        });
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.with_state(|state| state.done = state.done.saturating_add(bytes));
+    }
 }
 
 impl TransferProgress for OperationBackupProgress {
@@ -566,16 +644,92 @@ impl TransferProgress for OperationBackupProgress {
 
 impl BackupProgress for OperationBackupProgress {
     fn stage(&self, stage: BackupStage) {
-        self.with_state(|state| {
-            state.stage = Some(stage);
-            if let BackupStage::Building { total } = stage {
-                state.build_total = total;
-                state.built = 0;
-            }
-        });
+        match stage {
+            BackupStage::Exporting => self.enter(Stage::Exporting, 0),
+            BackupStage::Building { total } => self.enter(Stage::Compressing, total),
+            BackupStage::Pushing => self.enter(Stage::Uploading, 0),
+        }
     }
 
     fn built(&self, bytes: u64) {
-        self.with_state(|state| state.built = state.built.saturating_add(bytes));
+        self.advance(bytes);
+    }
+}
+
+impl paddock_cluster::backup::BackupProgress for OperationBackupProgress {
+    fn stage(&self, stage: paddock_cluster::backup::BackupStage) {
+        use paddock_cluster::backup::BackupStage as ClusterStage;
+        match stage {
+            ClusterStage::Snapshotting | ClusterStage::Exporting => self.enter(Stage::Exporting, 0),
+            ClusterStage::Downloading { total } => self.enter(Stage::Downloading, total),
+            ClusterStage::Converting => self.enter(Stage::Converting, 0),
+            ClusterStage::Building { total } => self.enter(Stage::Compressing, total),
+            ClusterStage::Pushing => self.enter(Stage::Uploading, 0),
+        }
+    }
+
+    fn advanced(&self, bytes: u64) {
+        self.advance(bytes);
+    }
+
+    fn message(&self, text: &str) {
+        tracing::info!(operation = %self.id, "{text}");
+        if text.starts_with("warning:") {
+            self.with_state(|state| state.warnings.push(text.to_string()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use paddock_cluster::backup::BackupStage as ClusterStage;
+
+    #[test]
+    fn a_cluster_backup_moves_its_operation_forward_stage_by_stage() {
+        let operations = Arc::new(Operations::new());
+        let vm = VmId {
+            namespace: "vms".to_string(),
+            name: "web".to_string(),
+        };
+        let operation = operations.begin("Backup", &vm, "backing up").unwrap();
+        let folded = OperationBackupProgress::new(Arc::clone(&operations), &operation.id);
+        // The cluster's progress trait (the local one has a `stage` too).
+        let progress: &dyn paddock_cluster::backup::BackupProgress = &folded;
+        let seen = || operations.get(&operation.id).unwrap().progress;
+        let mut percents = Vec::new();
+        progress.stage(ClusterStage::Snapshotting);
+        percents.push(seen());
+        progress.stage(ClusterStage::Downloading { total: 100 });
+        progress.advanced(50);
+        let downloading = seen();
+        assert_eq!(
+            (
+                downloading.stage.as_str(),
+                downloading.bytes_done,
+                downloading.bytes_total
+            ),
+            ("Downloading", 50, 100)
+        );
+        percents.push(downloading);
+        progress.stage(ClusterStage::Converting);
+        percents.push(seen());
+        progress.stage(ClusterStage::Building { total: 10 });
+        progress.advanced(10);
+        percents.push(seen());
+        progress.stage(ClusterStage::Pushing);
+        percents.push(seen());
+        let values: Vec<u8> = percents
+            .iter()
+            .map(|progress| progress.percent.unwrap())
+            .collect();
+        assert!(values.windows(2).all(|pair| pair[0] <= pair[1]), "{values:?}");
+        assert!(values[0] < values[values.len() - 1], "{values:?}");
+        // Warnings are kept for the result; other messages only go to the log.
+        progress.message("exporting the disk");
+        progress.message("warning: cannot delete VirtualMachineExport vms/x; delete it with kubectl");
+        assert_eq!(folded.warnings().len(), 1);
     }
 }

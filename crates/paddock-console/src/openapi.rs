@@ -22,7 +22,7 @@ pub fn document() -> Value {
             {"name": "vms", "description": "Virtual machines and their power"},
             {"name": "snapshots", "description": "Snapshots of a VM's disk, optionally with memory"},
             {"name": "consoles", "description": "Screenshots, serial and VNC consoles"},
-            {"name": "backups", "description": "Backups of a VM to a registry (containerDisk images) and restores from one, as long-running operations (local backend; cluster mode answers 501)"},
+            {"name": "backups", "description": "Backups of a VM to a registry (containerDisk images) and restores from one, as long-running operations. Cluster mode runs them as the signed-in user (RBAC decides; a 403 names the missing permission) with the console's registry credentials"},
             {"name": "disks", "description": "Disk uploads into DataVolumes through CDI's upload proxy (cluster only) and the image library of the machine (local only)"},
             {"name": "server", "description": "Health, metrics and this document"},
         ],
@@ -485,14 +485,14 @@ fn add_backup_paths(add: &mut impl FnMut(&str, &str, Value)) {
         "post",
         json!({
             "tags": ["backups"], "operationId": "createBackup", "summary": "Start backing the VM up to a registry repository",
-            "description": "A running VM keeps running: its disk is snapshotted (crash-consistent), copied, compressed and pushed as a containerDisk image tagged `<vm>-<UTC time>` with `dev.paddock.backup.*` annotations, exactly as `paddock backup create`. The answer is a Running operation to poll; the tag exists only once the backup is complete. Refused at once for an unknown VM (404), a bad repository (400), a non-persistent disk (422), a backup or restore running on the VM (409), a registry that cannot be reached or refuses access (502); cluster mode answers 501.",
+            "description": "A running VM keeps running: its disk is snapshotted (crash-consistent), copied, compressed and pushed as a containerDisk image tagged `<vm>-<UTC time>` with `dev.paddock.backup.*` annotations, exactly as `paddock backup create`. The answer is a Running operation to poll; the tag exists only once the backup is complete. Refused at once for an unknown VM (404), a bad repository (400), a non-persistent disk (422), a backup or restore running on the VM (409), a registry that cannot be reached or refuses access (502). Cluster mode, as the signed-in user (`paddock backup create --cluster`): a running VM gets a VirtualMachineSnapshot, the disk is read through a VirtualMachineExport (the console's `--backup-export-link`), both are deleted afterwards; 403 names the first missing permission among get virtualmachineapps/virtualmachines/virtualmachineinstances, create/get/delete virtualmachineexports, get secrets and (running) create/delete virtualmachinesnapshots; registry credentials are the console's (`--registry-docker-config`) and `insecure` needs `--registry-allow-insecure` (400 otherwise).",
             "parameters": vm_params(),
             "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("BackupRequest")}}},
             "responses": {
                 "202": started("Started"),
                 "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "404": response_ref("NotFound"),
-                "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal"),
-                "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
+                "403": response_ref("Forbidden"), "409": response_ref("Conflict"), "422": response_ref("Unprocessable"),
+                "500": response_ref("Internal"), "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
             },
         }),
     );
@@ -506,8 +506,8 @@ fn add_backup_paths(add: &mut impl FnMut(&str, &str, Value)) {
             "parameters": vm_list_params,
             "responses": {
                 "200": json_response("The backups", list_of("Backup")),
-                "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "500": response_ref("Internal"),
-                "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
+                "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "403": response_ref("Forbidden"),
+                "500": response_ref("Internal"), "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
             },
         }),
     );
@@ -519,12 +519,12 @@ fn add_backup_paths(add: &mut impl FnMut(&str, &str, Value)) {
         "get",
         json!({
             "tags": ["backups"], "operationId": "listBackups", "summary": "The complete backups in a repository, oldest first",
-            "description": "Tags that are not backups, and backups whose blobs the registry lacks, are left out (as `paddock backup list`).",
+            "description": "Tags that are not backups, and backups whose blobs the registry lacks, are left out (as `paddock backup list`). Cluster mode lists with the console's registry credentials and shows only backups of VMs in namespaces where the signed-in user may list virtualmachines (403 when `namespace` names one where they may not).",
             "parameters": list_params,
             "responses": {
                 "200": json_response("The backups", list_of("Backup")),
-                "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "500": response_ref("Internal"),
-                "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
+                "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "403": response_ref("Forbidden"),
+                "500": response_ref("Internal"), "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
             },
         }),
     );
@@ -533,13 +533,13 @@ fn add_backup_paths(add: &mut impl FnMut(&str, &str, Value)) {
         "post",
         json!({
             "tags": ["backups"], "operationId": "restoreBackup", "summary": "Start creating a VM from a backup",
-            "description": "Under a new name, or (`replace`) in place of the VM of that name, which must be stopped (409 otherwise; it is deleted, with its snapshots, only once the backup is pulled and verified). The VM's disk is the backup pinned by digest. Refused at once when the backup cannot be read (400, 404, 422, 502) or the target exists without `replace` (409).",
+            "description": "Under a new name, or (`replace`) in place of the VM of that name, which must be stopped (409 otherwise; it is deleted, with its snapshots, only once the backup is pulled and verified). The VM's disk is the backup pinned by digest. Refused at once when the backup cannot be read (400, 404, 422, 502) or the target exists without `replace` (409). Cluster mode creates the VirtualMachineApp as the signed-in user (403 names a missing get/create, or with `replace` delete, on virtualmachineapps); the operator and CDI then import the disk from the registry, and the operation succeeds once the VirtualMachineApp exists.",
             "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("RestoreRequest")}}},
             "responses": {
                 "202": started("Started"),
                 "400": response_ref("BadRequest"), "401": response_ref("Unauthorized"), "404": response_ref("NotFound"),
-                "409": response_ref("Conflict"), "422": response_ref("Unprocessable"), "500": response_ref("Internal"),
-                "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
+                "403": response_ref("Forbidden"), "409": response_ref("Conflict"), "422": response_ref("Unprocessable"),
+                "500": response_ref("Internal"), "501": response_ref("NotImplemented"), "502": response_ref("BadGateway"),
             },
         }),
     );
@@ -548,7 +548,7 @@ fn add_backup_paths(add: &mut impl FnMut(&str, &str, Value)) {
         "get",
         json!({
             "tags": ["backups"], "operationId": "listOperations", "summary": "Running and recently ended backups and restores, oldest first",
-            "description": "Kept in memory: the server forgets them when it restarts.",
+            "description": "Kept in memory: the server forgets them when it restarts. Cluster mode shows only operations on VMs the signed-in user may get.",
             "responses": {"200": json_response("The operations", list_of("Operation")), "401": response_ref("Unauthorized")},
         }),
     );

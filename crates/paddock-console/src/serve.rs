@@ -122,6 +122,8 @@ pub struct KubernetesServeOptions {
     /// The key sign-in sessions are signed with, shared by every replica (so any replica accepts
     /// any replica's sessions); a key of this process only when `None`.
     pub session_key: Option<crate::kubernetes::SessionKey>,
+    /// Registry credentials, plain http and the export link for backups.
+    pub backup: crate::kubernetes::BackupSettings,
 }
 
 /// Where a running server is: the contents of `serve.json`.
@@ -230,6 +232,7 @@ pub async fn serve_kubernetes(
         KubernetesOptions {
             namespace: options.namespace.clone(),
             upload_proxy: options.upload_proxy.clone(),
+            backup: options.backup.clone(),
         },
     )?;
     if options.proxy_headers.is_some() {

@@ -113,12 +113,13 @@ fn values_entries() -> Vec<ValuesEntry> {
         ),
         entry(
             "console",
-            "The web console and VNC gateway (`paddock serve --backend kubernetes`), acting as each signed-in Kubernetes user. Its replicas sign sign-in sessions with one key, so any replica serves any session: the key is the Secret `sessionKeySecret` names (its `key`, at least 32 random bytes), or when empty the Secret `<release>-console-session` the chart generates at install and keeps on upgrade (`helm template` makes a new one each time: set `sessionKeySecret` when rendering elsewhere).",
+            "The web console and VNC gateway (`paddock serve --backend kubernetes`), acting as each signed-in Kubernetes user. Its replicas sign sign-in sessions with one key, so any replica serves any session: the key is the Secret `sessionKeySecret` names (its `key`, at least 32 random bytes), or when empty the Secret `<release>-console-session` the chart generates at install and keeps on upgrade (`helm template` makes a new one each time: set `sessionKeySecret` when rendering elsewhere). registryDockerConfigSecret: a kubernetes.io/dockerconfigjson Secret in the release namespace with the registry credentials backups from the console push and list with (empty: none).",
             json!({
                 "enabled": true,
                 "replicas": 2,
                 "sessionKeySecret": "",
                 "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+                "registryDockerConfigSecret": "",
             }),
         ),
         entry(
@@ -186,6 +187,7 @@ pub fn values_schema() -> Value {
             "replicas": {"type": "integer", "minimum": 1},
             "sessionKeySecret": {"type": "string", "pattern": "^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$", "maxLength": 253},
             "resources": {"type": "object"},
+            "registryDockerConfigSecret": {"type": "string", "pattern": "^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$", "maxLength": 253},
         })),
         "podDisruptionBudget": object(json!({
             "minAvailable": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+%$"}]},
@@ -562,6 +564,9 @@ pub fn console() -> Result<String, TemplateError> {
     const SESSION_SECRET_SUFFIX: &str = "console-session";
     // Where the session key Secret is mounted.
     const SESSION_KEY_DIRECTORY: &str = "/etc/paddock/console-session";
+    // Where backups keep the disk's scratch copy, and where the registry Secret is mounted.
+    const CONSOLE_SCRATCH_PATH: &str = "/var/cache/paddock/backups";
+    const CONSOLE_REGISTRY_PATH: &str = "/etc/paddock/registry";
     let mut documents = Vec::new();
 
     let mut template = Template::new();
@@ -659,24 +664,56 @@ pub fn console() -> Result<String, TemplateError> {
                                 r#"- {{ printf "--namespace=%s" . | quote }}"#,
                                 "{{- end }}",
                             ]),
+                            // Backups from the console: the disk's scratch copy goes to an
+                            // emptyDir (the root filesystem is read-only), registry credentials
+                            // come from the mounted Secret.
+                            format!("--backup-scratch-dir={CONSOLE_SCRATCH_PATH}"),
+                            template.lines(&[
+                                "{{- if .Values.console.registryDockerConfigSecret }}",
+                                &format!("- --registry-docker-config={CONSOLE_REGISTRY_PATH}"),
+                                "{{- end }}",
+                            ]),
                         ],
                         "ports": [{"name": "http", "containerPort": CONSOLE_PORT, "protocol": "TCP"}],
+                        "volumeMounts": [
+                            {"name": "session-key", "mountPath": SESSION_KEY_DIRECTORY, "readOnly": true},
+                            {"name": "backup-scratch", "mountPath": CONSOLE_SCRATCH_PATH},
+                            template.lines(&[
+                                "{{- if .Values.console.registryDockerConfigSecret }}",
+                                "- name: registry-credentials",
+                                &format!("  mountPath: {CONSOLE_REGISTRY_PATH}"),
+                                "  readOnly: true",
+                                "{{- end }}",
+                            ]),
+                        ],
                         "livenessProbe": probe("/healthz", 10),
                         // Ready once the shared caches have listed every kind.
                         "readinessProbe": probe("/readyz", 5),
                         "resources": template.block(".Values.console.resources"),
                         "securityContext": container_security_context(),
-                        "volumeMounts": [{"name": "session-key", "mountPath": SESSION_KEY_DIRECTORY, "readOnly": true}],
                     }],
-                    "volumes": [{
-                        "name": "session-key",
-                        "secret": {
-                            "secretName": template.inline(format!(
-                                r#"{{{{ .Values.console.sessionKeySecret | default (printf "%s-{SESSION_SECRET_SUFFIX}" .Release.Name) | quote }}}}"#
-                            )),
-                            "items": [{"key": "key", "path": "key"}],
+                    "volumes": [
+                        {
+                            "name": "session-key",
+                            "secret": {
+                                "secretName": template.inline(format!(
+                                    r#"{{{{ .Values.console.sessionKeySecret | default (printf "%s-{SESSION_SECRET_SUFFIX}" .Release.Name) | quote }}}}"#
+                                )),
+                                "items": [{"key": "key", "path": "key"}],
+                            },
                         },
-                    }],
+                        {"name": "backup-scratch", "emptyDir": {}},
+                        template.lines(&[
+                            "{{- with .Values.console.registryDockerConfigSecret }}",
+                            "- name: registry-credentials",
+                            "  secret:",
+                            "    secretName: {{ . | quote }}",
+                            "    items:",
+                            "    - key: .dockerconfigjson",
+                            "      path: config.json",
+                            "{{- end }}",
+                        ]),
+                    ],
                     "nodeSelector": template.block(".Values.nodeSelector"),
                     "tolerations": template.block(".Values.tolerations"),
                     "affinity": template.block(".Values.affinity"),
@@ -780,7 +817,7 @@ resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 256Mi}}
 webhook: {failurePolicy: Fail, timeoutSeconds: 5, configurationName: paddock}
 watchNamespace: ""
 consoleGatewayUrl: ""
-console: {enabled: true, replicas: 2, sessionKeySecret: "", resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 256Mi}}}
+console: {enabled: true, replicas: 2, sessionKeySecret: "", resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 256Mi}}, registryDockerConfigSecret: ""}
 podDisruptionBudget: {minAvailable: 1}
 nodeSelector: {}
 tolerations: []

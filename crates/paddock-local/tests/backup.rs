@@ -15,7 +15,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,11 +31,12 @@ use paddock_oci::registry::{PushOptions, RegistryOptions};
 use paddock_tests::processes::QemuReaper;
 use paddock_tests::qemu::{Accelerator, Qemu, ScratchDirectory, clean_line};
 use paddock_tests::registry::{REGISTRY_BINARY, RegistryAuth, require_registry};
+use paddock_tests::registry_crash::{ChunkProxy, RestartableRegistry};
 use paddock_tests::testdisk::{self, READY_BANNER};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -375,172 +376,6 @@ async fn a_running_vm_is_backed_up_listed_and_restored_with_its_data() {
     assert!(leftovers.is_empty(), "scratch left behind: {leftovers:?}");
 }
 
-/// A docker-registry this test can kill and start again on the same port and storage, with its
-/// access log on (the shared helper has neither).
-struct RestartableRegistry {
-    directory: tempfile::TempDir,
-    address: String,
-    child: Option<Child>,
-}
-
-impl RestartableRegistry {
-    fn start() -> RestartableRegistry {
-        let directory = tempfile::Builder::new()
-            .prefix("paddock-backup-registry-")
-            .tempdir()
-            .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let address = format!("127.0.0.1:{port}");
-        let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {address}\n  secret: paddock-backup-test\n",
-            directory.path().join("storage").display()
-        );
-        std::fs::write(directory.path().join("config.yml"), config).unwrap();
-        let mut registry = RestartableRegistry {
-            directory,
-            address,
-            child: None,
-        };
-        registry.run();
-        registry
-    }
-
-    fn run(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.directory.path().join("registry.log"))
-            .unwrap();
-        let child = Command::new(REGISTRY_BINARY)
-            .arg("serve")
-            .arg(self.directory.path().join("config.yml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&self.address).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "registry not up:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.directory.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// Access-log request lines (`METHOD PATH`) with their status.
-    fn requests(&self) -> Vec<(String, String, u16)> {
-        self.log()
-            .lines()
-            .filter_map(|line| {
-                let request = line.split('"').nth(1)?;
-                let mut words = request.split(' ');
-                let method = words.next()?.to_string();
-                let path = words.next()?.to_string();
-                let status = line.split('"').nth(2)?.split_whitespace().next()?.parse().ok()?;
-                Some((method, path, status))
-            })
-            .collect()
-    }
-}
-
-impl Drop for RestartableRegistry {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A TCP proxy in front of the registry: forwards requests at a limited rate (so a test can act in
-/// the middle of an upload), counts the bytes it forwards to the registry, and on request holds
-/// back the next upload chunk (`PATCH`) so the registry can be killed between two chunks.
-struct Proxy {
-    address: String,
-    forwarded: Arc<AtomicU64>,
-    hold_next_chunk: Arc<std::sync::atomic::AtomicBool>,
-    holding: Arc<std::sync::atomic::AtomicBool>,
-}
-
-async fn start_proxy(upstream: String) -> Proxy {
-    use std::sync::atomic::AtomicBool;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = Proxy {
-        address: listener.local_addr().unwrap().to_string(),
-        forwarded: Arc::new(AtomicU64::new(0)),
-        hold_next_chunk: Arc::new(AtomicBool::new(false)),
-        holding: Arc::new(AtomicBool::new(false)),
-    };
-    let (forwarded, hold, holding) = (
-        Arc::clone(&proxy.forwarded),
-        Arc::clone(&proxy.hold_next_chunk),
-        Arc::clone(&proxy.holding),
-    );
-    tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let upstream = upstream.clone();
-            let (forwarded, hold, holding) =
-                (Arc::clone(&forwarded), Arc::clone(&hold), Arc::clone(&holding));
-            tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                let up = async {
-                    let mut buffer = vec![0u8; 32 << 10];
-                    loop {
-                        let count = match client_read.read(&mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(count) => count,
-                        };
-                        // HTTP/1.1 clients wait for the answer before the next request, so a
-                        // request starts a read of its own.
-                        if buffer[..count].starts_with(b"PATCH ") && hold.load(Ordering::SeqCst) {
-                            holding.store(true, Ordering::SeqCst);
-                            std::future::pending::<()>().await;
-                        }
-                        if server_write.write_all(&buffer[..count]).await.is_err() {
-                            return;
-                        }
-                        forwarded.fetch_add(count as u64, Ordering::Relaxed);
-                        // About 8 MiB/s.
-                        tokio::time::sleep(Duration::from_millis(4)).await;
-                    }
-                };
-                let down = async {
-                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-                };
-                // Either side ending ends the connection, as a dying registry would.
-                tokio::select! {
-                    () = up => {}
-                    () = down => {}
-                }
-            });
-        }
-    });
-    proxy
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_interrupted_by_a_registry_crash_resumes_and_is_never_listed_half_done() {
     let Some((qemu, disk)) = prerequisites("backup-interrupted") else {
@@ -565,8 +400,8 @@ async fn a_backup_interrupted_by_a_registry_crash_resumes_and_is_never_listed_ha
         .create(app("db", &format!("file:{}", disk.display())))
         .await
         .unwrap();
-    let mut registry = RestartableRegistry::start();
-    let proxy = start_proxy(registry.address.clone()).await;
+    let mut registry = RestartableRegistry::start().unwrap();
+    let proxy = ChunkProxy::start(registry.address().to_string()).await.unwrap();
     let forwarded = Arc::clone(&proxy.forwarded);
     let repository = format!("{}/backups/db", proxy.address);
     let chunk = 1u64 << 20;
@@ -615,7 +450,7 @@ async fn a_backup_interrupted_by_a_registry_crash_resumes_and_is_never_listed_ha
     // Each blob smaller than a chunk (the config) went up as one PATCH and was completed.
     let acknowledged_chunks = count("PATCH", "/blobs/uploads/") - count("PUT", "/blobs/uploads/");
     assert!(acknowledged_chunks >= 2, "{:?}", registry.requests());
-    registry.run();
+    registry.run().unwrap();
     proxy.hold_next_chunk.store(false, Ordering::SeqCst);
     assert!(
         list_backups(&repository, &insecure()).await.unwrap().is_empty(),

@@ -73,6 +73,24 @@ pub struct ServeArgs {
     /// sessions; without it the key is this process's own.
     #[arg(long, env = "PADDOCK_SESSION_KEY_FILE", value_name = "FILE")]
     session_key_file: Option<PathBuf>,
+    /// The directory holding the docker config.json with registry credentials for backups from
+    /// the console (Kubernetes backend), e.g. a mounted kubernetes.io/dockerconfigjson Secret
+    /// with its key .dockerconfigjson as config.json (default: $DOCKER_CONFIG, else ~/.docker).
+    #[arg(long, value_name = "DIR")]
+    registry_docker_config: Option<PathBuf>,
+    /// Let backup requests ask for plain http to a registry (`"insecure": true`), e.g. a registry
+    /// on loopback or for tests (Kubernetes backend; without it such requests are refused).
+    #[arg(long)]
+    registry_allow_insecure: bool,
+    /// Which link of a VirtualMachineExport backups read the disk through (Kubernetes backend):
+    /// `internal` (the export server's Service, for a console inside the cluster) or `external`
+    /// (KubeVirt's export proxy, for a console outside it).
+    #[arg(long, value_enum, default_value = "internal")]
+    backup_export_link: crate::backup::ExportLink,
+    /// Where backups from the console keep their scratch copy of a disk (Kubernetes backend;
+    /// needs room for the raw disk and its compressed copy; default: the temporary directory).
+    #[arg(long, value_name = "DIR")]
+    backup_scratch_dir: Option<PathBuf>,
     /// Where to listen; loopback only unless --listen-any. Port 0 picks a free port.
     #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDRESS:PORT")]
     listen: SocketAddr,
@@ -177,6 +195,12 @@ fn run_kubernetes(arguments: &ServeArgs) -> anyhow::Result<()> {
                 },
             },
             session_key,
+            backup: paddock_console::kubernetes::BackupSettings {
+                docker_config_dir: arguments.registry_docker_config.clone(),
+                allow_insecure: arguments.registry_allow_insecure,
+                export_link: arguments.backup_export_link.into(),
+                scratch_parent: arguments.backup_scratch_dir.clone(),
+            },
         };
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -7,12 +7,16 @@
 //! admin ServiceAccount bound to `cluster-admin`, a ServiceAccount `alice` with no rights and a
 //! ServiceAccount `bob` who may view the VMs and open their serial consoles but not their screens,
 //! all with TokenRequest tokens.
+//! For backups from the console: a real docker-registry on loopback (the simulated importer may
+//! pull from it over plain http) holding a small blank disk packaged by `paddock package`; the
+//! consoles may speak plain http to it and read exports through the simulator's export proxy.
 //!
 //! Contract (stdout is for the driver; logs go to stderr):
 //! - When everything is up, prints one JSON line
 //!   `{"url", "replicaUrl", "namespace", "adminToken", "userToken", "user", "serialUserToken",
-//!   "testDisk"}`; or `{"skip": "<why>"}` and exits 0 when the cluster's prerequisites are missing
-//!   and `PADDOCK_ALLOW_SKIP=1`.
+//!   "testDisk", "backupImage", "backupRepository"}` (the last two null without docker-registry);
+//!   or `{"skip": "<why>"}` and exits 0 when the cluster's prerequisites are missing and
+//!   `PADDOCK_ALLOW_SKIP=1`.
 //! - Then reads commands from stdin, one a line, answering each with one JSON line:
 //!   `grant` binds alice to a Role that lets her view the namespace's VMs and open their screens
 //!   (`{"granted": true}`), `logs` returns the console's and the operator's logs (`{"logs"}`),
@@ -41,6 +45,8 @@ enum WorldBinaryError {
     Io { action: String, detail: String },
     #[error("paddock serve printed no URL; its log:\n{0}")]
     NoUrl(String),
+    #[error("the test registry failed: {0}")]
+    Registry(#[from] paddock_tests::registry::RegistryError),
 }
 
 fn io_error(action: &str) -> impl FnOnce(std::io::Error) -> WorldBinaryError + '_ {
@@ -99,6 +105,14 @@ fn serve_world() -> Result<(), WorldBinaryError> {
     let ns = namespace.name().to_string();
     let directory = tempfile::tempdir().map_err(io_error("create a temporary directory"))?;
 
+    let registry = paddock_tests::registry::require_registry(
+        "web-console-backup",
+        paddock_tests::registry::RegistryAuth::None,
+    )?;
+    let backup_image = match &registry {
+        Some(registry) => Some(runtime.block_on(backup_image(cluster, registry, &directory))?),
+        None => None,
+    };
     // Two console replicas sharing one session key file, as the chart runs them.
     let session_key = directory.path().join("session-key");
     let mut key_bytes = [0_u8; 48];
@@ -141,6 +155,9 @@ fn serve_world() -> Result<(), WorldBinaryError> {
         "serialUserToken": serial_user_token,
         // For the browser upload: the test disk (a qcow2), or null when it cannot be built.
         "testDisk": paddock_tests::testdisk::test_disk().ok(),
+        // For backups: a persistent VM's image, and where to back it up.
+        "backupImage": backup_image,
+        "backupRepository": registry.as_ref().map(|registry| format!("{}/backups/web", registry.address())),
     }))?;
 
     for line in std::io::stdin().lock().lines() {
@@ -180,6 +197,7 @@ fn serve_world() -> Result<(), WorldBinaryError> {
     drop(operator);
     drop(replica);
     drop(console);
+    drop(registry);
     drop(namespace);
     Ok(())
 }
@@ -209,6 +227,40 @@ async fn report_import(
     Ok(())
 }
 
+/// A blank 32 MiB disk packaged and pushed to `registry` (which the simulated importer may then
+/// pull from over plain http); returns its reference.
+async fn backup_image(
+    cluster: &Cluster,
+    registry: &paddock_tests::registry::Registry,
+    directory: &tempfile::TempDir,
+) -> Result<String, WorldBinaryError> {
+    let client = cluster.admin_client().await?;
+    paddock_tests::world::allow_insecure_registry(
+        &client,
+        registry.address(),
+        std::time::Duration::from_secs(120),
+    )
+    .await?;
+    let disk = directory.path().join("backup-source.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("32M"))?;
+    let layout = directory.path().join("backup-source.oci");
+    let reference = format!("{}/vms/backup-source:1", registry.address());
+    run(Command::new(paddock_binary()?)
+        .arg("package")
+        .arg(&disk)
+        .args(["--image", &reference, "--output"])
+        .arg(&layout))?;
+    run(Command::new(paddock_binary()?)
+        .arg("push")
+        .arg(&layout)
+        .arg(&reference)
+        .arg("--insecure"))?;
+    Ok(reference)
+}
+
 /// `paddock serve --kubeconfig <admin>` on a free port; returns it and its base URL.
 fn start_console(
     cluster: &Cluster,
@@ -225,6 +277,9 @@ fn start_console(
         .arg(cluster.simulator_ca())
         .arg("--session-key-file")
         .arg(session_key)
+        // Backups: plain http to the loopback registry; the console runs outside the cluster, so
+        // it reads exports through the (simulated) export proxy.
+        .args(["--registry-allow-insecure", "--backup-export-link", "external"])
         .env("RUST_LOG", "info,paddock_console=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

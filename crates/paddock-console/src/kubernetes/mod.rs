@@ -23,11 +23,14 @@
 //!   a running VM, creates a VirtualMachineRestore, waits for it and starts the VM again; clone is
 //!   a VirtualMachineClone.
 //! - Consoles are KubeVirt's websockets proxied as the user ([`console`]).
+//! - Backups to a registry and restores from one run as the user with `paddock_cluster::backup`,
+//!   as long-running operations ([`backups`]).
 //! - Events come from the reflectors: a VM's status or snapshots changing, or the VM going away;
 //!   each user's stream carries only namespaces where they may list VMs.
 
 mod access;
 mod authenticator;
+mod backups;
 mod console;
 mod upload;
 mod views;
@@ -53,12 +56,14 @@ pub use authenticator::{
     Authenticator, ProxyHeaders, REFUSAL_LIFETIME, REVIEW_LIFETIME, SESSION_KEY_MIN_BYTES, SESSION_LIFETIME,
     Session, SessionKey, SessionKeyError,
 };
+pub use backups::BackupSettings;
 pub use upload::UploadProxy;
 
 use crate::backend::{
-    Backend, BackendError, BackendResult, ConsoleAccess, ConsoleAccessView, ConsoleChannel, ConsoleKind,
-    ErrorKind, EventView, HealthCheck, Permission, PowerAction, SnapshotRequest, SnapshotView, UploadRequest,
-    UploadView, UserInfo, VmRef, VmStatusView, VmView,
+    Backend, BackendError, BackendResult, BackupListRequest, BackupRequest, BackupView, ConsoleAccess,
+    ConsoleAccessView, ConsoleChannel, ConsoleKind, ErrorKind, EventView, HealthCheck, OperationView,
+    Permission, PowerAction, RestoreRequest, SnapshotRequest, SnapshotView, UploadRequest, UploadView,
+    UserInfo, VmRef, VmStatusView, VmView,
 };
 use views::{VmObjects, snapshot_source, snapshot_state, snapshot_view, status_view, vm_view};
 
@@ -104,6 +109,8 @@ pub struct KubernetesOptions {
     pub namespace: Option<String>,
     /// Where CDI's upload proxy is and how to trust it, for disk uploads.
     pub upload_proxy: UploadProxy,
+    /// Registry credentials, plain http and the export link for backups.
+    pub backup: BackupSettings,
 }
 
 /// The client configuration: `kubeconfig` (with `context`) when given, else inferred (in-cluster
@@ -197,6 +204,8 @@ enum Touched {
 /// State shared by the backend and every user's view of it.
 struct Shared {
     client: kube::Client,
+    /// The console's own configuration, from which the backups' impersonating clients are made.
+    config: kube::Config,
     /// Without read timeouts: console websockets may be quiet for long.
     stream_client: kube::Client,
     caches: HashMap<Kind, Arc<Cache>>,
@@ -207,6 +216,10 @@ struct Shared {
     upload_proxy_url: Option<String>,
     /// The HTTP client for the upload proxy, or why it could not be made.
     upload_client: Result<reqwest::Client, String>,
+    /// How backups run.
+    backup: BackupSettings,
+    /// Backups and restores, running and recently ended, of every user.
+    operations: Arc<crate::backups::Operations>,
 }
 
 impl Drop for Shared {
@@ -240,7 +253,7 @@ impl KubernetesBackend {
     ) -> Result<KubernetesBackend, KubernetesError> {
         let client = kube::Client::try_from(config.clone())
             .map_err(|error| KubernetesError::Client(error.to_string()))?;
-        let mut stream_config = config;
+        let mut stream_config = config.clone();
         stream_config.read_timeout = None;
         stream_config.write_timeout = None;
         let stream_client = kube::Client::try_from(stream_config)
@@ -281,6 +294,9 @@ impl KubernetesBackend {
             shared: Arc::new(Shared {
                 upload_proxy_url: options.upload_proxy.url.clone(),
                 upload_client,
+                config,
+                backup: options.backup.clone(),
+                operations: Arc::new(crate::backups::Operations::new()),
                 access: AccessReviewer::new(client.clone()),
                 client,
                 stream_client,
@@ -1611,6 +1627,30 @@ impl Backend for UserBackend {
 
     fn upload_status(&self, namespace: String, name: String) -> BoxFuture<'_, BackendResult<UploadView>> {
         Box::pin(async move { self.upload_status_as_user(&namespace, &name).await })
+    }
+
+    fn backup_create(
+        &self,
+        vm: VmRef,
+        request: BackupRequest,
+    ) -> BoxFuture<'_, BackendResult<OperationView>> {
+        Box::pin(self.backup_as_user(vm, request))
+    }
+
+    fn backup_list(&self, request: BackupListRequest) -> BoxFuture<'_, BackendResult<Vec<BackupView>>> {
+        Box::pin(self.backup_list_as_user(request))
+    }
+
+    fn backup_restore(&self, request: RestoreRequest) -> BoxFuture<'_, BackendResult<OperationView>> {
+        Box::pin(self.restore_as_user(request))
+    }
+
+    fn operation(&self, id: String) -> BoxFuture<'_, BackendResult<OperationView>> {
+        Box::pin(async move { self.operation_as_user(&id).await })
+    }
+
+    fn operation_list(&self) -> BoxFuture<'_, BackendResult<Vec<OperationView>>> {
+        Box::pin(self.operation_list_as_user())
     }
 
     fn clone_vm(&self, vm: VmRef, target: String) -> BoxFuture<'_, BackendResult<VmRef>> {
