@@ -9,7 +9,10 @@
 //! `PADDOCK_ALLOW_SKIP=1` turns it into a loud SKIP (see [`require_registry`]). With
 //! [`RegistryAuth::Basic`] the registry demands basic auth (an htpasswd file with a bcrypt hash, the
 //! only kind it accepts). Upload purging is off, so an interrupted upload session stays resumable
-//! for the whole test.
+//! for the whole test. Manifest deletes are enabled (`storage.delete.enabled`, what
+//! `REGISTRY_STORAGE_DELETE_ENABLED=true` sets), as backup retention needs;
+//! [`Registry::start_without_deletes`] starts one that refuses them (http 405 `UNSUPPORTED`), the
+//! docker-registry default.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -84,6 +87,15 @@ pub fn require_registry(test_name: &str, auth: RegistryAuth) -> Result<Option<Re
 impl Registry {
     /// Starts a registry on 127.0.0.1 with a fresh storage directory.
     pub fn start(auth: RegistryAuth) -> Result<Registry, RegistryError> {
+        Self::start_with(auth, true)
+    }
+
+    /// Starts a registry like [`Registry::start`] that refuses manifest deletes.
+    pub fn start_without_deletes(auth: RegistryAuth) -> Result<Registry, RegistryError> {
+        Self::start_with(auth, false)
+    }
+
+    fn start_with(auth: RegistryAuth, deletes: bool) -> Result<Registry, RegistryError> {
         if !Path::new(REGISTRY_BINARY).is_file() {
             return Err(RegistryError::NotInstalled);
         }
@@ -92,14 +104,14 @@ impl Registry {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::start_once(&auth) {
+            match Self::start_once(&auth, deletes) {
                 Err(RegistryError::NotReady { .. } | RegistryError::Start(_)) if attempt < 3 => continue,
                 other => return other,
             }
         }
     }
 
-    fn start_once(auth: &RegistryAuth) -> Result<Registry, RegistryError> {
+    fn start_once(auth: &RegistryAuth, deletes: bool) -> Result<Registry, RegistryError> {
         let failed = |what: &str, error: std::io::Error| RegistryError::Start(format!("{what}: {error}"));
         let directory = tempfile::Builder::new()
             .prefix("paddock-registry-")
@@ -129,7 +141,7 @@ impl Registry {
             }
         };
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {address}\n  secret: paddock-test-secret\n{auth_section}",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: {deletes}\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {address}\n  secret: paddock-test-secret\n{auth_section}",
             directory.path().join("storage").display()
         );
         std::fs::write(directory.path().join("config.yml"), config)

@@ -3,8 +3,10 @@
 //! imported by the simulated CDI, started by the simulated virt-controller and listed in Baffles;
 //! `runStrategy: Halted` stops it; deleting the app lets kube-controller-manager's garbage collector
 //! remove every child. Also: annotated plain VMs get a Baffles listing, scheduled snapshots are taken
-//! and pruned, and `kill -9` of the operator twenty times during reconciles still converges with no
-//! duplicate children.
+//! and pruned, scheduled and requested backups are pushed to a real registry, recorded in the status
+//! and Events and pruned beyond `keep` (failures and registries without deletes reported), and
+//! `kill -9` of the operator twenty times during reconciles still converges with no duplicate
+//! children.
 //!
 //! Each test runs its own operator process, scoped to the test's namespace (`--namespace`), with its
 //! leader Lease there too, so tests in this binary run in parallel without seeing each other.
@@ -1129,4 +1131,473 @@ async fn a_deleted_child_is_created_again() {
             started.elapsed()
         );
     }
+}
+
+/// Pushes a complete paddock backup of VM `namespace/name` taken at `created` (RFC 3339) to
+/// `repository`, as an earlier run of a schedule (or `paddock backup create`) left it.
+async fn seed_backup(directory: &Path, repository: &str, namespace: &str, name: &str, created: &str) {
+    let disk = directory.join(format!("seed-{name}-{created}.qcow2"));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("16M"));
+    let definition: paddock_api::app::VirtualMachineApp = serde_json::from_value(json!({
+        "apiVersion": "paddock.dev/v1alpha1",
+        "kind": "VirtualMachineApp",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"image": {"containerDisk": "restore-sets-this"}, "disk": {"size": "1Gi"}},
+    }))
+    .unwrap();
+    let tag_form: String = created.chars().filter(|c| *c != '-' && *c != ':').collect();
+    let tag = paddock_oci::backup::backup_tag(name, &tag_form);
+    let info = paddock_oci::backup::BackupInfo {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        created: created.to_owned(),
+        disk_virtual_size: 16 << 20,
+        definition,
+    };
+    let layout = directory.join(format!("seed-{tag}.oci"));
+    let reference = format!("{repository}:{tag}");
+    let options = paddock_oci::ImageOptions {
+        tag: tag.clone(),
+        reference: Some(reference.clone()),
+        ..paddock_oci::ImageOptions::default()
+    };
+    paddock_oci::backup::build_backup_layout(&disk, &layout, &info, &options, &mut paddock_oci::NoProgress)
+        .unwrap();
+    paddock_oci::push(
+        &layout,
+        &reference,
+        &paddock_oci::PushOptions {
+            registry: registry_options(directory),
+            ..paddock_oci::PushOptions::default()
+        },
+        &paddock_oci::NoTransferProgress,
+    )
+    .await
+    .unwrap();
+}
+
+/// Plain HTTP to a loopback registry, with an empty docker config (never the machine's own).
+fn registry_options(directory: &Path) -> paddock_oci::RegistryOptions {
+    let config = directory.join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    paddock_oci::RegistryOptions {
+        insecure: true,
+        credentials: None,
+        docker_config_dir: Some(config),
+    }
+}
+
+/// `(tag, namespace/name)` of the complete backups in `repository`, oldest first.
+async fn backups_in(directory: &Path, repository: &str) -> Vec<(String, String)> {
+    paddock_oci::backup::list_backups(repository, &registry_options(directory))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| (entry.tag, format!("{}/{}", entry.info.namespace, entry.info.name)))
+        .collect()
+}
+
+/// `(type, reason, note)` of the Events about `name`, oldest first.
+async fn events_about(world: &World, name: &str) -> Vec<(String, String, String)> {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(world.client.clone(), world.name());
+    let mut listed: Vec<_> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|event| {
+            event
+                .regarding
+                .as_ref()
+                .and_then(|regarding| regarding.name.as_deref())
+                == Some(name)
+        })
+        .collect();
+    listed.sort_by_key(|event| event.metadata.creation_timestamp.clone().map(|time| time.0));
+    listed
+        .into_iter()
+        .map(|event| {
+            (
+                event.type_.unwrap_or_default(),
+                event.reason.unwrap_or_default(),
+                event.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Waits (up to `timeout`) until the app's status satisfies `done`.
+async fn wait_for_app(
+    world: &World,
+    name: &str,
+    what: &str,
+    operator: &Operator,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let app = world.get(&virtual_machine_apps(), name).await.unwrap();
+        if done(&app) {
+            return app;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; app:\n{}\noperator log:\n{}",
+            serde_json::to_string_pretty(&app).unwrap(),
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A halted app with `backup` whose disk is imported (so the export can read it).
+async fn imported_app_with_backup(
+    world: &World,
+    name: &str,
+    reference: &str,
+    backup: Value,
+    operator: &Operator,
+) {
+    let mut object = app(name, reference, "Halted");
+    object["spec"]["backup"] = backup;
+    world.create(&virtual_machine_apps(), object).await;
+    world
+        .wait(
+            &data_volumes(),
+            &format!("{name}-disk"),
+            "Succeeded",
+            operator,
+            |dv| text(dv, "/status/phase") == Some("Succeeded"),
+        )
+        .await;
+}
+
+fn backup_operator_arguments(scratch: &Path) -> Vec<String> {
+    vec![
+        // The simulator serves only the export proxy's (external) links.
+        "--backup-export-link".to_owned(),
+        "external".to_owned(),
+        "--backup-tick-seconds".to_owned(),
+        "1".to_owned(),
+        "--backup-scratch-directory".to_owned(),
+        scratch.display().to_string(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_backups_are_pushed_on_time_recorded_and_pruned_beyond_keep() {
+    let Some(world) = World::new("op-backups").await else {
+        return;
+    };
+    let directory = tempfile::tempdir().unwrap();
+    let (registry, reference) = packaged_image(&world, directory.path()).await;
+    let repository = format!("{}/backups/{}", registry.address(), world.name());
+    // Two older backups of this VM and one of another VM in the same repository.
+    seed_backup(
+        directory.path(),
+        &repository,
+        world.name(),
+        "saved",
+        "2026-01-01T02:00:00Z",
+    )
+    .await;
+    seed_backup(
+        directory.path(),
+        &repository,
+        world.name(),
+        "saved",
+        "2026-01-02T02:00:00Z",
+    )
+    .await;
+    seed_backup(
+        directory.path(),
+        &repository,
+        world.name(),
+        "other",
+        "2025-12-01T02:00:00Z",
+    )
+    .await;
+    let scratch = tempfile::tempdir().unwrap();
+    let operator = Operator::start_with(&world, &backup_operator_arguments(scratch.path()));
+    imported_app_with_backup(
+        &world,
+        "saved",
+        &reference,
+        json!({"schedule": "* * * * *", "keep": 2, "repository": repository, "insecure": true}),
+        &operator,
+    )
+    .await;
+    let created = world.get(&virtual_machine_apps(), "saved").await.unwrap();
+    let created_at: k8s_openapi::jiff::Timestamp = text(Some(&created), "/metadata/creationTimestamp")
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // The schedule fires every minute: within a minute (and the backup's time) the first backup is
+    // recorded, for the first minute after the app existed.
+    let app = wait_for_app(
+        &world,
+        "saved",
+        "a scheduled backup",
+        &operator,
+        Duration::from_secs(180),
+        |app| app.pointer("/status/backup/lastBackup/reference").is_some(),
+    )
+    .await;
+    let status = &app["status"]["backup"];
+    let scheduled: k8s_openapi::jiff::Timestamp =
+        status["lastScheduleTime"].as_str().unwrap().parse().unwrap();
+    assert!(scheduled > created_at, "{status}");
+    assert_eq!(scheduled.as_second() % 60, 0, "{status}");
+    let next: k8s_openapi::jiff::Timestamp = status["nextScheduleTime"].as_str().unwrap().parse().unwrap();
+    assert!(next > scheduled && next.as_second() % 60 == 0, "{status}");
+    let pinned = status["lastBackup"]["reference"].as_str().unwrap().to_owned();
+    assert!(pinned.starts_with(&format!("{repository}@sha256:")), "{pinned}");
+    let condition = condition(&app, "BackupSucceeded").unwrap();
+    assert_eq!(condition["status"], "True", "{condition}");
+    assert_eq!(condition["reason"], "BackupCompleted", "{condition}");
+    assert!(
+        condition["message"].as_str().unwrap().contains(&pinned),
+        "{condition}"
+    );
+
+    // Retention: keep 2 of this VM's backups (the older seeded one went), the other VM's stay.
+    let listed = backups_in(directory.path(), &repository).await;
+    let own: Vec<&str> = listed
+        .iter()
+        .filter(|(_, vm)| vm.ends_with("/saved"))
+        .map(|(tag, _)| tag.as_str())
+        .collect();
+    let last_tag = status["lastBackup"]["tag"].as_str().unwrap();
+    assert_eq!(own, ["saved-20260102T020000Z", last_tag], "{listed:?}");
+    assert!(
+        listed.iter().any(|(tag, _)| tag == "other-20251201T020000Z"),
+        "{listed:?}"
+    );
+    let pulled = paddock_oci::backup::inspect_backup(&pinned, &registry_options(directory.path()))
+        .await
+        .unwrap();
+    assert_eq!(pulled.info.name, "saved");
+    assert_eq!(pulled.info.definition.spec.backup.as_ref().unwrap().keep, 2);
+
+    let events = events_about(&world, "saved").await;
+    let reasons: Vec<&str> = events.iter().map(|(_, reason, _)| reason.as_str()).collect();
+    for expected in ["BackupStarted", "BackupCompleted", "BackupsPruned"] {
+        assert!(reasons.contains(&expected), "{events:?}");
+    }
+    let pruned = events
+        .iter()
+        .find(|(_, reason, _)| reason == "BackupsPruned")
+        .unwrap();
+    assert!(pruned.2.contains("saved-20260101T020000Z"), "{pruned:?}");
+
+    // "Back up now", with the schedule suspended (so no scheduled backup interferes): a new
+    // annotation value gives one more backup at once; the oldest goes again.
+    world
+        .merge(
+            &virtual_machine_apps(),
+            "saved",
+            json!({"spec": {"backup": {"suspend": true}},
+                   "metadata": {"annotations": {"paddock.dev/backup-now": "first"}}}),
+        )
+        .await;
+    let app = wait_for_app(
+        &world,
+        "saved",
+        "the requested backup",
+        &operator,
+        TIMEOUT,
+        |app| app.pointer("/status/backup/lastRequest").and_then(Value::as_str) == Some("first"),
+    )
+    .await;
+    let requested = app["status"]["backup"]["lastBackup"]["tag"].as_str().unwrap();
+    assert_ne!(requested, last_tag);
+    let listed = backups_in(directory.path(), &repository).await;
+    let own: Vec<&str> = listed
+        .iter()
+        .filter(|(_, vm)| vm.ends_with("/saved"))
+        .map(|(tag, _)| tag.as_str())
+        .collect();
+    assert_eq!(own.len(), 2, "{listed:?}");
+    assert_eq!(own.last(), Some(&requested), "{listed:?}");
+    assert!(
+        app.pointer("/status/backup/nextScheduleTime").is_none(),
+        "suspended: {app}"
+    );
+
+    let port = operator.probe_port().await;
+    assert!(
+        metric_sum(port, "paddock_operator_backups_total", "result=\"succeeded\"") >= 2.0,
+        "{}",
+        http_get(port, "/metrics").1
+    );
+    assert!(metric_sum(port, "paddock_operator_backup_duration_seconds_count", "") >= 2.0);
+    // Nothing is left behind: the exports and scratch directories are gone.
+    let exports = world
+        .api(&paddock_tests::world::api_resource(
+            "export.kubevirt.io",
+            "v1beta1",
+            "VirtualMachineExport",
+            "virtualmachineexports",
+        ))
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(exports.items.is_empty(), "{:?}", exports.items);
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_backup_registry_and_one_without_deletes_are_reported() {
+    let Some(world) = World::new("op-backup-fail").await else {
+        return;
+    };
+    let directory = tempfile::tempdir().unwrap();
+    let (_registry, reference) = packaged_image(&world, directory.path()).await;
+    // Nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let scratch = tempfile::tempdir().unwrap();
+    let operator = Operator::start_with(&world, &backup_operator_arguments(scratch.path()));
+    let dead_repository = format!("{closed}/backups/broken");
+    imported_app_with_backup(
+        &world,
+        "fragile",
+        &reference,
+        json!({"schedule": "0 3 1 1 *", "keep": 1, "repository": dead_repository, "insecure": true}),
+        &operator,
+    )
+    .await;
+    // Before any backup: Unknown, with the next time.
+    let app = wait_for_app(
+        &world,
+        "fragile",
+        "the first-backup condition",
+        &operator,
+        TIMEOUT,
+        |app| condition(app, "BackupSucceeded").is_some(),
+    )
+    .await;
+    assert_eq!(
+        condition(&app, "BackupSucceeded").unwrap()["reason"],
+        "NoBackupYet"
+    );
+    assert!(app.pointer("/status/backup/nextScheduleTime").is_some(), "{app}");
+
+    world
+        .merge(
+            &virtual_machine_apps(),
+            "fragile",
+            json!({"metadata": {"annotations": {"paddock.dev/backup-now": "1"}}}),
+        )
+        .await;
+    let app = wait_for_app(
+        &world,
+        "fragile",
+        "the failed backup",
+        &operator,
+        TIMEOUT,
+        |app| app.pointer("/status/backup/lastRequest").and_then(Value::as_str) == Some("1"),
+    )
+    .await;
+    let condition_value = condition(&app, "BackupSucceeded").unwrap();
+    assert_eq!(condition_value["status"], "False", "{condition_value}");
+    assert_eq!(condition_value["reason"], "BackupFailed", "{condition_value}");
+    let message = condition_value["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("cannot reach registry {closed}")),
+        "{message}"
+    );
+    assert!(message.contains("paddock.dev/backup-now"), "{message}");
+    assert_eq!(app["status"]["backup"]["lastFailure"]["message"], message);
+    assert!(app.pointer("/status/backup/lastBackup").is_none(), "{app}");
+    let events = events_about(&world, "fragile").await;
+    assert!(
+        events
+            .iter()
+            .any(|(kind, reason, note)| kind == "Warning" && reason == "BackupFailed" && note == message),
+        "{events:?}"
+    );
+    // The app controller's own conditions are untouched by the backup scheduler's, and vice versa.
+    assert!(condition(&app, "DiskReady").is_some(), "{app}");
+
+    // A registry that refuses deletes: the backup succeeds, pruning is reported as not possible.
+    let refusing = Registry::start_without_deletes(RegistryAuth::None).unwrap();
+    let repository = format!("{}/backups/fragile", refusing.address());
+    seed_backup(
+        directory.path(),
+        &repository,
+        world.name(),
+        "fragile",
+        "2026-01-01T02:00:00Z",
+    )
+    .await;
+    world
+        .merge(
+            &virtual_machine_apps(),
+            "fragile",
+            json!({"spec": {"backup": {"repository": repository}},
+                   "metadata": {"annotations": {"paddock.dev/backup-now": "2"}}}),
+        )
+        .await;
+    let app = wait_for_app(
+        &world,
+        "fragile",
+        "the backup without pruning",
+        &operator,
+        TIMEOUT,
+        |app| app.pointer("/status/backup/lastRequest").and_then(Value::as_str) == Some("2"),
+    )
+    .await;
+    let condition_value = condition(&app, "BackupSucceeded").unwrap();
+    assert_eq!(condition_value["status"], "True", "{condition_value}");
+    assert_eq!(
+        condition_value["reason"], "PruningNotPossible",
+        "{condition_value}"
+    );
+    assert!(
+        condition_value["message"]
+            .as_str()
+            .unwrap()
+            .contains("REGISTRY_STORAGE_DELETE_ENABLED=true"),
+        "{condition_value}"
+    );
+    assert_eq!(backups_in(directory.path(), &repository).await.len(), 2);
+    // The earlier failure stays on record.
+    assert!(app.pointer("/status/backup/lastFailure").is_some(), "{app}");
+    let events = events_about(&world, "fragile").await;
+    assert!(
+        events
+            .iter()
+            .any(|(kind, reason, _)| kind == "Warning" && reason == "BackupsNotPruned"),
+        "{events:?}"
+    );
+
+    // Without a policy the backup status and condition go; the app controller's conditions stay.
+    world
+        .merge(
+            &virtual_machine_apps(),
+            "fragile",
+            json!({"spec": {"backup": null}}),
+        )
+        .await;
+    let app = wait_for_app(
+        &world,
+        "fragile",
+        "the backup status to go",
+        &operator,
+        TIMEOUT,
+        |app| app.pointer("/status/backup").is_none() && condition(app, "BackupSucceeded").is_none(),
+    )
+    .await;
+    assert!(condition(&app, "DiskReady").is_some(), "{app}");
 }

@@ -1,5 +1,5 @@
 // The detail page of one VM: status and conditions, power actions (with force stop and pause),
-// snapshots (take, restore, delete), backups to a registry (see backups.ts), the events this tab has seen, the manifest, a screen
+// snapshots (take, restore, delete), backups to a registry (see backups.ts) and the backup policy with its last result, the events this tab has seen, the manifest, a screen
 // thumbnail and deletion with confirmation.
 
 import { Snapshot, Vm, backend, cloneVm, migrate, power, request, screenshotUrl, vmPath } from "./api";
@@ -12,6 +12,21 @@ import { spinner } from "./dom";
 import { toYaml } from "./yaml";
 
 const SNAPSHOT_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/;
+
+/** `spec.backup` of a VirtualMachineApp. */
+interface BackupPolicy {
+  schedule: string;
+  keep?: number;
+  repository: string;
+  suspend?: boolean;
+}
+
+/** `status.backup` of a VirtualMachineApp. */
+interface BackupPolicyStatus {
+  nextScheduleTime?: string;
+  lastBackup?: { time: string; reference: string; tag: string };
+  lastFailure?: { time: string; message: string };
+}
 
 interface PowerButton {
   action: string;
@@ -185,6 +200,33 @@ export const detailPage: Page = (root, [namespace, name]) => {
     );
   };
   const backups = backupSection(namespace, name);
+  // The backup policy (spec.backup, run by the cluster's operator) and what it last did
+  // (status.backup, condition BackupSucceeded); read-only: edit it in the manifest.
+  const backupPolicySection = (vm: Vm): HTMLElement | null => {
+    if (vm.manifest.kind !== "VirtualMachineApp") return null;
+    const policy = (vm.manifest.spec as { backup?: BackupPolicy } | undefined)?.backup;
+    const status = (vm.manifest.status as { backup?: BackupPolicyStatus; conditions?: { type: string; status: string; reason: string; message: string }[] } | undefined);
+    const condition = status?.conditions?.find((item) => item.type === "BackupSucceeded");
+    const last = status?.backup?.lastBackup;
+    const failure = status?.backup?.lastFailure;
+    const next = status?.backup?.nextScheduleTime;
+    return h(
+      "section",
+      { "aria-labelledby": "backup-policy-title", id: "backup-policy", "data-condition": condition?.status ?? "" },
+      h("h2", { id: "backup-policy-title" }, "Scheduled backups"),
+      policy
+        ? h(
+            "p",
+            { id: "backup-policy-schedule" },
+            `${policy.suspend ? "Suspended: " : ""}${policy.schedule} (UTC) to ${policy.repository}, keeping the newest ${policy.keep ?? 7}${backend() === "kubernetes" ? "" : " (schedules run in cluster mode)"}.`,
+          )
+        : h("p", { class: "muted", id: "backup-policy-schedule" }, "No scheduled backups: set spec.backup in the manifest."),
+      last ? h("p", { id: "backup-policy-last" }, `Last backup ${timeAgo(last.time)}: `, h("code", {}, last.reference)) : null,
+      next ? h("p", { class: "muted" }, `Next backup due ${new Date(next).toLocaleString()}.`) : null,
+      condition && condition.status !== "True" && failure ? errorBox(failure.message, "The last backup failed") : null,
+      condition && condition.reason === "PruningNotPossible" ? h("p", { class: "muted" }, condition.message) : null,
+    );
+  };
 
   const powerAction = (item: PowerButton): void => {
     void run(item.busy, async () => {
@@ -395,6 +437,7 @@ export const detailPage: Page = (root, [namespace, name]) => {
           : h("p", { class: "muted", id: "snapshots" }, "No snapshots."),
       ),
       backups.element,
+      backupPolicySection(vm),
       h(
         "section",
         { "aria-labelledby": "events-title" },

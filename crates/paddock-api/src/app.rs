@@ -7,7 +7,10 @@
 //! that cannot work) live here as CEL (`x-kubernetes-validations`); [`crate::validation`] repeats them
 //! with friendlier messages and adds what CEL cannot express.
 
-use k8s_openapi::apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::Condition};
+use k8s_openapi::apimachinery::pkg::{
+    api::resource::Quantity,
+    apis::meta::v1::{Condition, Time},
+};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +92,12 @@ pub struct VirtualMachineAppSpec {
     /// Scheduled snapshots of the VM. Absent means no scheduled snapshots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<SnapshotPolicy>,
+
+    /// Scheduled backups of the VM's disk and definition to an OCI registry, with retention. Absent
+    /// means no scheduled backups. Set the annotation `paddock.dev/backup-now` to any new value (e.g.
+    /// the current time) to request a backup at once, also while the schedule is suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupPolicy>,
 }
 
 /// Where the VM's boot disk comes from. Exactly one of `containerDisk`, `http`, `dataSource`, `pvc` or
@@ -392,6 +401,112 @@ pub struct SnapshotPolicy {
     pub keep: u32,
 }
 
+/// Scheduled backups to an OCI registry: each backup is the VM's disk as a containerDisk image tagged
+/// `<vm>-<UTC time>` in `repository`, with this VirtualMachineApp in the image's annotations (the
+/// format of `paddock backup`), so it can be restored in any cluster or locally.
+///
+/// Why a field of the VirtualMachineApp and not a separate BackupPolicy resource: a policy applies
+/// to exactly one VM and lives and dies with it (like `snapshots`), it travels with the VM's
+/// definition into its backups, restores and moves, one `kubectl apply` of one manifest sets up a VM
+/// with its protection, and the backup's outcome belongs in the VM's own status and Events where
+/// users and consoles already look. A separate resource would add a second object to keep in sync
+/// and permissions to grant, for a one-to-one relation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupPolicy {
+    /// When to back up, as a five-field cron expression in UTC, e.g. `0 2 * * *` for 02:00 every
+    /// day, or a macro such as `@daily`. A running VM is snapshotted first and the snapshot is
+    /// backed up. Times missed while the operator was down are caught up with one backup, not one
+    /// per missed time; a failed backup is tried again at the next scheduled time.
+    #[schemars(length(max = 128))]
+    #[x_kube(validation = kube::core::Rule::new("self.split(' ').filter(f, f != '').size() == 5 || self.startsWith('@')").message("backup.schedule must be a five-field cron expression such as '0 2 * * *' (minute hour day-of-month month day-of-week) or a macro such as @daily"))]
+    pub schedule: String,
+
+    /// How many of this VM's backups to keep in the repository; after each successful backup the
+    /// oldest beyond this number are deleted from the registry (default 7). Backups made by hand
+    /// with `paddock backup create` count too.
+    #[serde(default = "default_keep")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 1 && self <= 1000").message("backup.keep must be between 1 and 1000"))]
+    pub keep: u32,
+
+    /// The registry repository the backups are pushed to, without tag or scheme, e.g.
+    /// `registry.example.com/backups/web`. For pruning, the registry must allow deleting manifests
+    /// (docker-registry: `REGISTRY_STORAGE_DELETE_ENABLED=true`).
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = kube::core::Rule::new("size(self) > 0 && !self.contains(' ') && !self.contains('://') && !self.contains('@')").message("backup.repository must be a registry repository such as registry.example.com/backups/web, without a scheme like https:// and without a digest"))]
+    pub repository: String,
+
+    /// The name of a Secret of type `kubernetes.io/dockerconfigjson` in the VM's namespace with
+    /// credentials for the registry (as `kubectl create secret docker-registry` makes it). Absent
+    /// means the registry is used without credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub credentials_secret: Option<String>,
+
+    /// Speak plain HTTP to the registry instead of HTTPS: only for a registry on loopback or inside
+    /// the cluster network (e.g. Zarf's in-cluster registry). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+
+    /// Stop taking scheduled backups (requested ones, through the `paddock.dev/backup-now`
+    /// annotation, still run). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+}
+
+/// What the operator last did for `spec.backup` (or for a requested backup).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// The scheduled time the last scheduled backup was taken for (successful or not); the next
+    /// scheduled backup comes after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<Time>,
+
+    /// When the next scheduled backup is due (absent while the schedule is suspended or invalid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<Time>,
+
+    /// The last successful backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<BackupRecord>,
+
+    /// The last failed backup (kept after later successes, for reference).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<BackupFailure>,
+
+    /// The value of the `paddock.dev/backup-now` annotation last acted on: a backup is requested
+    /// by setting the annotation to a value different from this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_request: Option<String>,
+}
+
+/// A successful backup.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRecord {
+    /// When the backup finished.
+    pub time: Time,
+    /// The backup pinned by digest, `registry/repository@sha256:…`: what `paddock backup restore`
+    /// takes.
+    pub reference: String,
+    /// The backup's tag, `<vm>-<UTC time>`.
+    pub tag: String,
+    /// How long the backup took, in seconds.
+    #[serde(default)]
+    pub duration_seconds: u64,
+}
+
+/// A failed backup.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupFailure {
+    /// When the backup failed.
+    pub time: Time,
+    /// What failed and what to do.
+    pub message: String,
+}
+
 /// The observed state of a VirtualMachineApp, written by the operator (or the local runtime).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -400,7 +515,8 @@ pub struct VirtualMachineAppStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
 
-    /// Ready, DiskReady, ConsoleReady and BafflesRegistered, each True/False/Unknown with a reason.
+    /// Ready, DiskReady, ConsoleReady and BafflesRegistered (and SnapshotsHealthy, BackupSucceeded
+    /// when those are configured), each True/False/Unknown with a reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
@@ -416,6 +532,10 @@ pub struct VirtualMachineAppStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// Scheduled and requested backups: the last one, the last failure and when the next is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStatus>,
 }
 
 /// Where a VM is in its life.
@@ -449,7 +569,14 @@ pub mod condition {
     pub const CONSOLE_READY: &str = "ConsoleReady";
     /// The VM is listed in Baffles.
     pub const BAFFLES_REGISTERED: &str = "BafflesRegistered";
+    /// The last backup (scheduled or requested) succeeded (only on apps with `spec.backup` or a
+    /// requested backup).
+    pub const BACKUP_SUCCEEDED: &str = "BackupSucceeded";
 }
+
+/// The annotation that requests a backup now: set it to any value different from
+/// `status.backup.lastRequest`, e.g. `kubectl annotate vmapp web paddock.dev/backup-now="$(date -u +%FT%TZ)" --overwrite`.
+pub const BACKUP_NOW_ANNOTATION: &str = "paddock.dev/backup-now";
 
 impl ImageSpec {
     /// The image sources that are set, by field name. A valid spec has exactly one.

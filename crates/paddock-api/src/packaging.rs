@@ -85,6 +85,7 @@ pub fn virtual_machine_app(disk: &PackagedDisk) -> Result<VirtualMachineApp, Inv
         run_strategy: disk.run_strategy.unwrap_or_default(),
         console: ConsoleSpec::default(),
         snapshots: None,
+        backup: None,
     };
     let app = VirtualMachineApp {
         metadata: ObjectMeta {

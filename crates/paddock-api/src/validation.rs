@@ -99,6 +99,7 @@ fn check_spec(spec: &VirtualMachineAppSpec, violations: &mut Vec<Violation>) {
     check_firmware(spec, violations);
     check_cloud_init(spec, violations);
     check_snapshots(spec, violations);
+    check_backup(spec, violations);
     if spec.console.baffles.category.trim().is_empty() {
         violation(
             violations,
@@ -331,5 +332,66 @@ fn check_snapshots(spec: &VirtualMachineAppSpec, violations: &mut Vec<Violation>
                 snapshots.keep
             ),
         );
+    }
+}
+
+fn check_backup(spec: &VirtualMachineAppSpec, violations: &mut Vec<Violation>) {
+    let Some(backup) = &spec.backup else { return };
+    if let Err(error) = crate::schedule::parse_schedule(&backup.schedule) {
+        violation(violations, "spec.backup.schedule", error.to_string());
+    }
+    if !(1..=1000).contains(&backup.keep) {
+        violation(
+            violations,
+            "spec.backup.keep",
+            format!("{} is out of range: keep between 1 and 1000 backups", backup.keep),
+        );
+    }
+    match ImageReference::parse(&backup.repository) {
+        Err(error) => violation(
+            violations,
+            "spec.backup.repository",
+            format!("{error}: write a registry repository such as registry.example.com/backups/web"),
+        ),
+        Ok(reference)
+            if reference.digest.is_some()
+                || backup
+                    .repository
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|last| last.contains(':')) =>
+        {
+            violation(
+                violations,
+                "spec.backup.repository",
+                format!(
+                    "'{}' names a tag or digest: write only the repository, e.g. {}; each backup gets its own tag <vm>-<UTC time>",
+                    backup.repository,
+                    reference.name()
+                ),
+            )
+        }
+        Ok(_) => {}
+    }
+    if let Some(secret) = &backup.credentials_secret {
+        let valid = !secret.is_empty()
+            && secret.len() <= 253
+            && secret.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !valid {
+            violation(
+                violations,
+                "spec.backup.credentialsSecret",
+                format!(
+                    "'{secret}' is not a Secret name: use the name of a kubernetes.io/dockerconfigjson Secret in the VM's namespace (lowercase letters, digits, '-' and '.')"
+                ),
+            );
+        }
     }
 }

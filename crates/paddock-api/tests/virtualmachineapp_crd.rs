@@ -86,7 +86,9 @@ fn a_full_app_is_accepted_by_both() {
                       "sshKeys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG8m6V3xq alice@laptop"]},
         "runStrategy": "Manual",
         "console": {"vnc": true, "serial": false, "baffles": {"enabled": true, "displayName": "Web", "category": "servers"}},
-        "snapshots": {"schedule": "0 3 * * *", "keep": 3}
+        "snapshots": {"schedule": "0 3 * * *", "keep": 3},
+        "backup": {"schedule": "@daily", "keep": 14, "repository": "registry.example.com/backups/web",
+                   "credentialsSecret": "backup-registry", "insecure": false, "suspend": false}
     }));
     assert_eq!(api_server_errors(value.clone()), Vec::<String>::new());
     assert_eq!(paddock_errors(&value), Vec::<String>::new());
@@ -216,6 +218,36 @@ fn cases() -> Vec<Case> {
             spec: json!({"image": {"pvc": {"name": "d"}}, "snapshots": {"schedule": "@daily", "keep": 0}}),
             api_server: Some("snapshots.keep must be between 1 and 1000"),
             paddock: "spec.snapshots.keep: 0 is out of range",
+        },
+        Case {
+            name: "backup schedule with seconds",
+            spec: json!({"image": {"pvc": {"name": "d"}}, "backup": {"schedule": "0 0 2 * * *", "repository": "r.example.com/b/web"}}),
+            api_server: Some("backup.schedule must be a five-field cron expression"),
+            paddock: "spec.backup.schedule: '0 0 2 * * *' is not a five-field cron schedule",
+        },
+        Case {
+            name: "backup keeps nothing",
+            spec: json!({"image": {"pvc": {"name": "d"}}, "backup": {"schedule": "@daily", "keep": 0, "repository": "r.example.com/b/web"}}),
+            api_server: Some("backup.keep must be between 1 and 1000"),
+            paddock: "spec.backup.keep: 0 is out of range",
+        },
+        Case {
+            name: "backup repository with a scheme",
+            spec: json!({"image": {"pvc": {"name": "d"}}, "backup": {"schedule": "@daily", "repository": "https://r.example.com/b/web"}}),
+            api_server: Some("backup.repository must be a registry repository"),
+            paddock: "spec.backup.repository:",
+        },
+        Case {
+            name: "backup repository with a tag",
+            spec: json!({"image": {"pvc": {"name": "d"}}, "backup": {"schedule": "@daily", "repository": "r.example.com/b/web:v1"}}),
+            api_server: None,
+            paddock: "spec.backup.repository: 'r.example.com/b/web:v1' names a tag or digest",
+        },
+        Case {
+            name: "backup credentials not a secret name",
+            spec: json!({"image": {"pvc": {"name": "d"}}, "backup": {"schedule": "@daily", "repository": "r.example.com/b/web", "credentialsSecret": "My Secret"}}),
+            api_server: None,
+            paddock: "spec.backup.credentialsSecret: 'My Secret' is not a Secret name",
         },
         Case {
             name: "unknown run strategy",

@@ -123,6 +123,11 @@ fn values_entries() -> Vec<ValuesEntry> {
             }),
         ),
         entry(
+            "backup",
+            "Scheduled backups (VirtualMachineApp spec.backup): how many run at once, and the size limit of the scratch volume (an emptyDir) each backup stages the VM's raw disk and its compressed copy in: about twice the largest disk, times concurrency.",
+            json!({"concurrency": 1, "scratchSizeLimit": "40Gi"}),
+        ),
+        entry(
             "podDisruptionBudget",
             "Voluntary disruptions (drains) keep at least this many replicas serving webhooks.",
             json!({"minAvailable": 1}),
@@ -188,6 +193,10 @@ pub fn values_schema() -> Value {
             "sessionKeySecret": {"type": "string", "pattern": "^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$", "maxLength": 253},
             "resources": {"type": "object"},
             "registryDockerConfigSecret": {"type": "string", "pattern": "^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$", "maxLength": 253},
+        })),
+        "backup": object(json!({
+            "concurrency": {"type": "integer", "minimum": 1, "maximum": 64},
+            "scratchSizeLimit": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"},
         })),
         "podDisruptionBudget": object(json!({
             "minAvailable": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+%$"}]},
@@ -345,6 +354,9 @@ pub fn rbac_yaml() -> Result<String, TemplateError> {
 /// which is the console's VNC proxy route.
 const CONSOLE_GATEWAY_ARGUMENT: &str = r#"{{ printf "--console-gateway-url=%s" (.Values.consoleGatewayUrl | default (ternary (printf "ws://%s-console.%s.svc" .Release.Name .Release.Namespace) "" .Values.console.enabled) | required "consoleGatewayUrl must be set when console.enabled is false") | quote }}"#;
 
+/// Where the operator's backup scratch volume is mounted (the root filesystem is read-only).
+const BACKUP_SCRATCH_DIRECTORY: &str = "/var/lib/paddock/backup-scratch";
+
 /// The operator's command line in the Deployment: every flag `paddock operator` is given.
 fn operator_arguments(template: &mut Template) -> Value {
     json!([
@@ -360,6 +372,8 @@ fn operator_arguments(template: &mut Template) -> Value {
         "--webhook-configurations=inject-ca",
         template.inline(CONSOLE_GATEWAY_ARGUMENT),
         format!("--lease-name={}", rbac::lease_name()),
+        template.inline(r#"{{ printf "--backup-concurrency=%v" .Values.backup.concurrency | quote }}"#),
+        format!("--backup-scratch-directory={BACKUP_SCRATCH_DIRECTORY}"),
         template.lines(&[
             "{{- with .Values.watchNamespace }}",
             r#"- {{ printf "--namespace=%s" . | quote }}"#,
@@ -439,6 +453,12 @@ pub fn deployment() -> Result<String, TemplateError> {
                         "readinessProbe": probe("/readyz", "webhooks", 5),
                         "resources": template.block(".Values.resources"),
                         "securityContext": container_security_context(),
+                        "volumeMounts": [{"name": "backup-scratch", "mountPath": BACKUP_SCRATCH_DIRECTORY}],
+                    }],
+                    // Backups stage disks here; an emptyDir, so nothing outlives the pod.
+                    "volumes": [{
+                        "name": "backup-scratch",
+                        "emptyDir": {"sizeLimit": template.quoted(".Values.backup.scratchSizeLimit")},
                     }],
                     // Replicas on different nodes where possible, so one node's loss keeps a webhook server.
                     "topologySpreadConstraints": [{
@@ -818,6 +838,7 @@ webhook: {failurePolicy: Fail, timeoutSeconds: 5, configurationName: paddock}
 watchNamespace: ""
 consoleGatewayUrl: ""
 console: {enabled: true, replicas: 2, sessionKeySecret: "", resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 256Mi}}, registryDockerConfigSecret: ""}
+backup: {concurrency: 1, scratchSizeLimit: 40Gi}
 podDisruptionBudget: {minAvailable: 1}
 nodeSelector: {}
 tolerations: []
@@ -856,6 +877,8 @@ affinity: {}
             ("/watchNamespace", json!("Not_A_Namespace")),
             ("/consoleGatewayUrl", json!("console.example.com")),
             ("/console/enabled", json!("yes")),
+            ("/backup/concurrency", json!(0)),
+            ("/backup/scratchSizeLimit", json!("lots")),
         ] {
             let mut values = default_values();
             *values.pointer_mut(pointer).unwrap() = bad.clone();
@@ -880,6 +903,10 @@ affinity: {}
             "        - --webhook-configurations=inject-ca\n",
             "        {{- with .Values.watchNamespace }}\n        - {{ printf \"--namespace=%s\" . | quote }}\n        {{- end }}\n",
             "        resources:\n          {{- toYaml .Values.resources | nindent 10 }}\n",
+            // Backups stage disks on a writable scratch volume (the root filesystem is read-only).
+            "        - --backup-scratch-directory=/var/lib/paddock/backup-scratch\n",
+            "        volumeMounts:\n        - mountPath: /var/lib/paddock/backup-scratch\n          name: backup-scratch\n",
+            "      volumes:\n      - emptyDir:\n          sizeLimit: {{ .Values.backup.scratchSizeLimit | quote }}\n        name: backup-scratch\n",
         ] {
             assert!(text.contains(line), "the Deployment lacks\n{line}\nin\n{text}");
         }

@@ -988,7 +988,8 @@ async fn the_operator_works_with_exactly_the_chart_rbac() {
             Some(watched.name()),
             Some("any"),
         ),
-        ("", "secrets", "get", Some(watched.name()), Some("any")),
+        // Backups read Secrets (export tokens, registry credentials) in the watched namespace only.
+        ("", "secrets", "get", Some(elsewhere.name()), Some("any")),
         ("", "secrets", "get", Some(own.name()), Some("another-secret")),
         ("", "secrets", "list", Some(own.name()), None),
         ("", "secrets", "get", Some("zarf"), Some("private-registry")),

@@ -202,6 +202,71 @@ async fn push_is_seen_by_skopeo_pulls_back_and_skips_present_blobs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_is_deleted_by_digest_and_a_registry_without_deletes_says_so() {
+    if !tools_available("a_manifest_is_deleted_by_digest_and_a_registry_without_deletes_says_so") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let docker_config = tempfile::tempdir().unwrap();
+    let (_disk, built) = build(work.path(), "delete", MIB, Compression::Zstd);
+    let options = registry_options(docker_config.path());
+
+    let registry = TestRegistry::start();
+    let repository = format!("{}/backups/web", registry.host());
+    let report = push(
+        &built.layout,
+        &format!("{repository}:v1"),
+        &push_options(docker_config.path()),
+        &NoTransferProgress,
+    )
+    .await
+    .unwrap();
+    paddock_oci::registry::delete_manifest(&repository, &report.digest, &options)
+        .await
+        .unwrap();
+    // The tag went with the manifest.
+    let error = pull(
+        &format!("{repository}:v1"),
+        &work.path().join("pulled"),
+        &pull_options(docker_config.path()),
+        &NoTransferProgress,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(error, RegistryError::NotFound { .. }), "{error}");
+    let error = paddock_oci::registry::delete_manifest(&repository, &report.digest, &options)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RegistryError::NotFound { .. }), "{error}");
+    let error = paddock_oci::registry::delete_manifest(&repository, "latest", &options)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RegistryError::InvalidDigest { .. }), "{error}");
+
+    let refusing = TestRegistry::start_without_deletes();
+    let repository = format!("{}/backups/web", refusing.host());
+    let report = push(
+        &built.layout,
+        &format!("{repository}:v1"),
+        &push_options(docker_config.path()),
+        &NoTransferProgress,
+    )
+    .await
+    .unwrap();
+    let error = paddock_oci::registry::delete_manifest(&repository, &report.digest, &options)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, RegistryError::DeleteUnsupported { .. }),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("REGISTRY_STORAGE_DELETE_ENABLED=true"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_chunks_and_a_single_request_give_the_same_image() {
     if !tools_available("small_chunks_and_a_single_request_give_the_same_image") {
         return;

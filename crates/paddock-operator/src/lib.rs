@@ -1,11 +1,12 @@
 //! The paddock operator: turns VirtualMachineApps into CDI DataVolumes, KubeVirt VirtualMachines,
-//! SSH-key Secrets and BafflesApplications, takes scheduled snapshots, and lists annotated plain VMs in
-//! Baffles.
+//! SSH-key Secrets and BafflesApplications, takes scheduled snapshots and backups, and lists annotated
+//! plain VMs in Baffles.
 //!
 //! Role: the in-cluster half of paddock. [`run`] is the whole runtime: probes and metrics on every
 //! replica, Lease-based leader election, and on the leader two kube-runtime controllers
 //! ([`app_controller`], [`console_controller`]) fed by shared reflectors (one watch per kind, its
-//! store read by both controllers), with a coalescing work queue and per-object exponential backoff.
+//! store read by both controllers), with a coalescing work queue and per-object exponential backoff,
+//! and the backup scheduler ([`backups`]) over the VirtualMachineApp cache.
 //!
 //! Contract:
 //! - every object paddock writes is server-side applied under the field manager `paddock`, with a
@@ -24,6 +25,7 @@
 //!   [`Error::Leader`] so the process restarts as a candidate.
 
 pub mod app_controller;
+pub mod backups;
 pub mod console_controller;
 pub mod drift;
 pub mod facts;
@@ -88,6 +90,8 @@ pub struct Options {
     pub concurrency: u16,
     /// Where metrics are recorded; `/metrics` serves its registry.
     pub metrics: Metrics,
+    /// How scheduled backups run.
+    pub backups: backups::BackupSettings,
 }
 
 impl Options {
@@ -104,6 +108,7 @@ impl Options {
             lease_timing: LeaseTiming::default(),
             concurrency: 16,
             metrics: Metrics::new(),
+            backups: backups::BackupSettings::default(),
         }
     }
 }
@@ -753,6 +758,13 @@ async fn run_controllers(
         })
     };
     let (apps, apps_writer) = reflector::store::<VirtualMachineApp>();
+    let _backups = AbortOnDrop(tokio::spawn(backups::run(
+        client.clone(),
+        apps.clone(),
+        options.backups.clone(),
+        context.recorder.clone(),
+        probes.metrics.clone(),
+    )));
     let app_events = watcher(
         api::<VirtualMachineApp>(&client, namespace),
         watcher::Config::default(),

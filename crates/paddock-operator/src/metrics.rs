@@ -68,6 +68,19 @@ pub struct Metrics {
     writes: Family<WriteLabels, Counter>,
     skipped: Family<KindLabels, Counter>,
     leader: Gauge,
+    backups: Family<BackupLabels, Counter>,
+    backup_durations: Family<BackupLabels, Histogram>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackupLabels {
+    result: String,
+}
+
+fn backup_histogram() -> Histogram {
+    Histogram::new([
+        1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
+    ])
 }
 
 impl Default for Metrics {
@@ -100,6 +113,19 @@ impl Metrics {
         let writes = Family::<WriteLabels, Counter>::default();
         let skipped = Family::<KindLabels, Counter>::default();
         let leader = Gauge::default();
+        let backups = Family::<BackupLabels, Counter>::default();
+        let backup_durations =
+            Family::<BackupLabels, Histogram>::new_with_constructor(backup_histogram as fn() -> Histogram);
+        registry.register(
+            "paddock_operator_backups",
+            "Scheduled and requested backups by result (succeeded, failed)",
+            backups.clone(),
+        );
+        registry.register(
+            "paddock_operator_backup_duration_seconds",
+            "How long backups take (snapshot, export, download, push), by result",
+            backup_durations.clone(),
+        );
         registry.register(
             "paddock_operator_reconciles",
             "Reconciles by controller and result",
@@ -144,7 +170,20 @@ impl Metrics {
             writes,
             skipped,
             leader,
+            backups,
+            backup_durations,
         }
+    }
+
+    /// A backup ended with `result` (`succeeded` or `failed`) after `elapsed`.
+    pub fn backup_finished(&self, result: &str, elapsed: Duration) {
+        let labels = BackupLabels {
+            result: result.to_owned(),
+        };
+        self.backups.get_or_create(&labels).inc();
+        self.backup_durations
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     /// A reconcile of `controller` ended after `elapsed`; `error_category` is set when it failed.

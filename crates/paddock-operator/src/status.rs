@@ -92,6 +92,7 @@ pub fn derive_status(app: &VirtualMachineApp, observed: &Observed<'_>) -> Virtua
             import_progress: None,
             console_url: None,
             observed_generation: generation,
+            backup: None,
         };
     }
 
@@ -224,6 +225,7 @@ pub fn derive_status(app: &VirtualMachineApp, observed: &Observed<'_>) -> Virtua
         import_progress,
         console_url: app.spec.console.vnc.then(|| observed.console_url.clone()),
         observed_generation: generation,
+        backup: None,
     }
 }
 
@@ -329,10 +331,22 @@ fn make_condition(
     }
 }
 
-/// Whether two statuses say the same thing (ignoring nothing: transition times are kept by
-/// [`derive_status`], so equal means "no write needed").
+/// Whether two statuses say the same thing (transition times are kept by [`derive_status`], so
+/// equal means "no write needed"). The backup scheduler's part (`status.backup` and the
+/// `BackupSucceeded` condition, written under its own field manager, [`crate::backups`]) is not
+/// the app controller's and is left out of the comparison.
 pub fn unchanged(current: Option<&VirtualMachineAppStatus>, desired: &VirtualMachineAppStatus) -> bool {
-    current == Some(desired)
+    current.map(without_backup).as_ref() == Some(&without_backup(desired))
+}
+
+/// `status` without what the backup scheduler writes.
+fn without_backup(status: &VirtualMachineAppStatus) -> VirtualMachineAppStatus {
+    let mut status = status.clone();
+    status.backup = None;
+    status
+        .conditions
+        .retain(|condition| condition.type_ != condition::BACKUP_SUCCEEDED);
+    status
 }
 
 /// A Kubernetes Event users should see, as a transition between two statuses.

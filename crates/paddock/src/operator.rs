@@ -82,6 +82,21 @@ pub struct OperatorArgs {
     /// How many objects each controller reconciles at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
+    /// How many scheduled or requested backups (`spec.backup`) run at once.
+    #[arg(long, default_value_t = 1)]
+    backup_concurrency: usize,
+    /// Which link of a VirtualMachineExport backups read the disk through: `internal` (the export
+    /// server's Service; the operator runs in the cluster) or `external` (the export proxy).
+    #[arg(long, value_enum, default_value = "internal")]
+    backup_export_link: crate::backup::ExportLink,
+    /// Where backups put their scratch files (the raw disk and its compressed copy: room for about
+    /// twice the largest disk); default the system's temporary directory.
+    #[arg(long, value_name = "DIRECTORY")]
+    backup_scratch_directory: Option<std::path::PathBuf>,
+    /// Seconds between the backup scheduler's looks at the apps (how soon a due or requested
+    /// backup starts).
+    #[arg(long, default_value_t = 10)]
+    backup_tick_seconds: u64,
     /// Serve the admission webhooks, reached by the API server through this Service
     /// (`<name>` in the Lease namespace, port 443).
     #[arg(long, value_name = "NAME", conflicts_with = "webhook_url")]
@@ -146,6 +161,12 @@ pub fn run(arguments: &OperatorArgs) -> anyhow::Result<()> {
         .clone_from(&arguments.default_storage_class);
     options.facts_interval = Duration::from_secs(arguments.facts_interval_seconds.max(1));
     options.concurrency = arguments.concurrency;
+    options.backups = paddock_operator::backups::BackupSettings {
+        concurrency: arguments.backup_concurrency.max(1),
+        export_link: arguments.backup_export_link.into(),
+        scratch_directory: arguments.backup_scratch_directory.clone(),
+        tick: Duration::from_secs(arguments.backup_tick_seconds.max(1)),
+    };
     options.lease_timing = LeaseTiming {
         lease_duration: Duration::from_secs(arguments.lease_duration_seconds.max(1)),
         renew_deadline: Duration::from_secs(arguments.renew_deadline_seconds.max(1)),

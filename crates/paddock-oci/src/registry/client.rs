@@ -38,6 +38,8 @@ pub(crate) enum Access {
     Pull,
     /// Read and write.
     Push,
+    /// Delete manifests (the distribution API's `delete` action).
+    Delete,
 }
 
 /// A client for one repository of one registry.
@@ -278,6 +280,7 @@ impl RegistryClient {
         match self.access {
             Access::Pull => format!("repository:{}:pull", self.repository),
             Access::Push => format!("repository:{}:pull,push", self.repository),
+            Access::Delete => format!("repository:{}:delete", self.repository),
         }
     }
 
@@ -550,6 +553,39 @@ impl RegistryClient {
             content_type,
             digest_header,
         })
+    }
+
+    /// Deletes the manifest `digest` (and with it every tag naming it). A registry that does not
+    /// delete (docker-registry without `storage.delete.enabled`: http 405 `UNSUPPORTED`) gives
+    /// [`RegistryError::DeleteUnsupported`].
+    pub(crate) async fn delete_manifest(&self, digest: &str) -> Result<()> {
+        let url = self.url(&format!("manifests/{digest}"))?;
+        let (response, action) = self.send(Method::DELETE, &url, |request| request).await?;
+        let status = response.status();
+        if status == StatusCode::ACCEPTED || status == StatusCode::OK {
+            return Ok(());
+        }
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            let body = response.bytes().await.unwrap_or_default();
+            return Err(RegistryError::DeleteUnsupported {
+                registry: self.registry.clone(),
+                action,
+                message: registry_message(&body),
+            });
+        }
+        self.check(&action, response, &[StatusCode::ACCEPTED, StatusCode::OK])
+            .await
+            .map(drop)
+            .map_err(|error| match error {
+                RegistryError::Status { message, action, .. } if message.contains("UNSUPPORTED") => {
+                    RegistryError::DeleteUnsupported {
+                        registry: self.registry.clone(),
+                        action,
+                        message,
+                    }
+                }
+                other => other,
+            })
     }
 
     /// Starts downloading a blob; the caller streams and verifies the body.

@@ -287,9 +287,39 @@ pub enum RegistryError {
         /// The parse error.
         source: serde_json::Error,
     },
+    /// The registry does not delete manifests.
+    #[error(
+        "registry {registry} does not delete manifests (it answered {action} with {message}): old backups cannot be pruned there; \
+         enable deletes (docker-registry: REGISTRY_STORAGE_DELETE_ENABLED=true) or delete them with the registry's own tools"
+    )]
+    DeleteUnsupported {
+        /// The registry host.
+        registry: String,
+        /// The request.
+        action: String,
+        /// The registry's error message.
+        message: String,
+    },
     /// The progress callback asked to stop.
     #[error("the transfer was cancelled; run the same command again to resume where it stopped")]
     Cancelled,
+}
+
+/// Deletes the manifest `digest` (`sha256:…`) from `repository` (`registry/repository`; a tag or
+/// digest in it is ignored): every tag naming that manifest goes with it; blobs stay until the
+/// registry's garbage collection. A registry that refuses deletes gives
+/// [`RegistryError::DeleteUnsupported`]; a manifest that is already gone gives
+/// [`RegistryError::NotFound`].
+pub async fn delete_manifest(repository: &str, digest: &str, options: &RegistryOptions) -> Result<()> {
+    let reference = paddock_api::image_reference::ImageReference::parse(repository)?;
+    if manifest::digest_hex(digest).is_none() {
+        return Err(RegistryError::InvalidDigest {
+            what: format!("the manifest to delete from {}", reference.name()),
+            digest: digest.to_string(),
+        });
+    }
+    let client = client::RegistryClient::new(&reference, options, client::Access::Delete)?;
+    client.delete_manifest(digest).await
 }
 
 /// Result alias for registry operations.

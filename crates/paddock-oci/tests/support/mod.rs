@@ -42,6 +42,13 @@ impl TestRegistry {
         TestRegistry(Registry::start(RegistryAuth::None).unwrap_or_else(|error| panic!("{error}")))
     }
 
+    /// Starts an anonymous registry that refuses manifest deletes (docker-registry's default).
+    pub fn start_without_deletes() -> TestRegistry {
+        TestRegistry(
+            Registry::start_without_deletes(RegistryAuth::None).unwrap_or_else(|error| panic!("{error}")),
+        )
+    }
+
     /// Starts a registry that requires `user`/`password`.
     pub fn start_with_basic_auth(user: &str, password: &str) -> TestRegistry {
         let auth = RegistryAuth::Basic {
