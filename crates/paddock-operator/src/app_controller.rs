@@ -96,7 +96,16 @@ async fn reconcile_inner(app: &VirtualMachineApp, context: &Context) -> Result<A
 
     let ephemeral = desired.data_volume.is_none();
     let client = &context.client;
-    if let Some(data_volume) = desired.data_volume {
+    let metrics = &context.metrics;
+    // The children do not depend on each other (KubeVirt waits for a DataVolume or Secret the VM
+    // names), so they are applied concurrently: a new app costs one round trip, not four.
+    // What an apply answers is the child as stored now, fresher than the cache, which has not seen
+    // the write yet: the status below is derived from it, so a new app's first status already
+    // describes its children instead of reporting them missing.
+    let data_volume_child = async {
+        let Some(data_volume) = desired.data_volume else {
+            return Ok(None);
+        };
         let existing = context
             .data_volumes
             .get(&ObjectRef::new(&builders::data_volume_name(&name)).within(&namespace));
@@ -104,42 +113,57 @@ async fn reconcile_inner(app: &VirtualMachineApp, context: &Context) -> Result<A
             &Api::<DataVolume>::namespaced(client.clone(), &namespace),
             data_volume,
             existing.as_deref(),
-            &context.metrics,
+            metrics,
         )
-        .await?;
-    }
-    let existing = context
-        .virtual_machines
-        .get(&ObjectRef::new(&name).within(&namespace));
-    ensure(
-        &Api::<VirtualMachine>::namespaced(client.clone(), &namespace),
-        desired.virtual_machine,
-        existing.as_deref(),
-        &context.metrics,
-    )
-    .await?;
-    let secrets = Api::<Secret>::namespaced(client.clone(), &namespace);
-    let existing = context
-        .secrets
-        .get(&ObjectRef::new(&builders::ssh_keys_secret_name(&name)).within(&namespace));
-    match desired.ssh_keys_secret {
-        Some(secret) => ensure(&secrets, secret, existing.as_deref(), &context.metrics).await?,
-        None => prune(&secrets, existing.as_deref(), app, &context.metrics).await?,
-    }
-    let baffles_api = Api::<BafflesApplication>::namespaced(client.clone(), &namespace);
-    let existing = context.baffles.get(&ObjectRef::new(&name).within(&namespace));
-    let baffles = match desired.baffles_application {
-        Some(baffles) => {
-            let url = baffles.spec.url.clone();
-            ensure(&baffles_api, baffles, existing.as_deref(), &context.metrics).await?;
-            BafflesState::Registered { url }
-        }
-        None if !facts.baffles_installed => BafflesState::NotInstalled,
-        None => {
-            prune(&baffles_api, existing.as_deref(), app, &context.metrics).await?;
-            BafflesState::Disabled
+        .await
+    };
+    let virtual_machine_child = async {
+        let existing = context
+            .virtual_machines
+            .get(&ObjectRef::new(&name).within(&namespace));
+        ensure(
+            &Api::<VirtualMachine>::namespaced(client.clone(), &namespace),
+            desired.virtual_machine,
+            existing.as_deref(),
+            metrics,
+        )
+        .await
+    };
+    let secret_child = async {
+        let secrets = Api::<Secret>::namespaced(client.clone(), &namespace);
+        let existing = context
+            .secrets
+            .get(&ObjectRef::new(&builders::ssh_keys_secret_name(&name)).within(&namespace));
+        match desired.ssh_keys_secret {
+            Some(secret) => ensure(&secrets, secret, existing.as_deref(), metrics)
+                .await
+                .map(drop),
+            None => prune(&secrets, existing.as_deref(), app, metrics).await,
         }
     };
+    let baffles_child = async {
+        let baffles_api = Api::<BafflesApplication>::namespaced(client.clone(), &namespace);
+        let existing = context.baffles.get(&ObjectRef::new(&name).within(&namespace));
+        match desired.baffles_application {
+            Some(baffles) => {
+                let url = baffles.spec.url.clone();
+                ensure(&baffles_api, baffles, existing.as_deref(), metrics).await?;
+                Ok(BafflesState::Registered { url })
+            }
+            None if !facts.baffles_installed => Ok(BafflesState::NotInstalled),
+            None => {
+                prune(&baffles_api, existing.as_deref(), app, metrics).await?;
+                Ok(BafflesState::Disabled)
+            }
+        }
+    };
+    let (applied_data_volume, applied_virtual_machine, (), baffles) = futures_util::future::try_join4(
+        data_volume_child,
+        virtual_machine_child,
+        secret_child,
+        baffles_child,
+    )
+    .await?;
 
     let now = Timestamp::now();
     let mut requeue = RESYNC;
@@ -156,12 +180,16 @@ async fn reconcile_inner(app: &VirtualMachineApp, context: &Context) -> Result<A
         None => None,
     };
 
-    let data_volume = context
-        .data_volumes
-        .get(&ObjectRef::new(&builders::data_volume_name(&name)).within(&namespace));
-    let virtual_machine = context
-        .virtual_machines
-        .get(&ObjectRef::new(&name).within(&namespace));
+    let data_volume = applied_data_volume.map(Arc::new).or_else(|| {
+        context
+            .data_volumes
+            .get(&ObjectRef::new(&builders::data_volume_name(&name)).within(&namespace))
+    });
+    let virtual_machine = applied_virtual_machine.map(Arc::new).or_else(|| {
+        context
+            .virtual_machines
+            .get(&ObjectRef::new(&name).within(&namespace))
+    });
     let observed = Observed {
         data_volume: data_volume.as_deref(),
         ephemeral,
@@ -183,7 +211,7 @@ pub(crate) async fn ensure<K>(
     mut desired: K,
     cached: Option<&K>,
     metrics: &Metrics,
-) -> Result<(), ReconcileError>
+) -> Result<Option<K>, ReconcileError>
 where
     K: Resource<DynamicType = ()> + Serialize + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -203,18 +231,19 @@ where
     match drift::decide(&desired_json, cached_json.as_ref()) {
         Decision::Skip => {
             metrics.skipped_apply(&kind);
-            Ok(())
+            Ok(None)
         }
         Decision::Apply(reason) => {
             tracing::debug!(%kind, %name, %reason, "applying");
             metrics.wrote(&kind, "apply");
-            apply(api, &desired).await
+            apply(api, &desired).await.map(Some)
         }
     }
 }
 
-/// Server-side applies `object` under the `paddock` field manager, taking over conflicting fields.
-async fn apply<K>(api: &Api<K>, object: &K) -> Result<(), ReconcileError>
+/// Server-side applies `object` under the `paddock` field manager, taking over conflicting fields;
+/// returns the object as the API server stored it.
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, ReconcileError>
 where
     K: Resource<DynamicType = ()> + Serialize + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -225,8 +254,7 @@ where
             kind: K::kind(&()).into_owned(),
             name,
             source,
-        })?;
-    Ok(())
+        })
 }
 
 /// Deletes `existing` when the app owns it (never an object someone else made under the same name).

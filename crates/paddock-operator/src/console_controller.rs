@@ -94,7 +94,9 @@ async fn reconcile_inner(vm: &VirtualMachine, context: &Context) -> Result<Actio
         .baffles
         .get(&ObjectRef::new(&vm.name_any()).within(&namespace));
     match desired_listing(vm, &facts.console_gateway_url) {
-        Some(listing) => ensure(&api, listing, existing.as_deref(), &context.metrics).await?,
+        Some(listing) => {
+            ensure(&api, listing, existing.as_deref(), &context.metrics).await?;
+        }
         None => prune(&api, existing.as_deref(), vm, &context.metrics).await?,
     }
     Ok(Action::await_change())

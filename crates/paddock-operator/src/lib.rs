@@ -595,8 +595,20 @@ fn without_managed_fields<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }
 
+/// Objects per page of a watch's initial list. kube-runtime's default (500) holds a whole page's
+/// response body and its decoded objects at once, for each of the six caches listing together at
+/// start; with 2,000 apps that put the restart's RSS peak 20 MiB above the steady state. Smaller
+/// pages cost a few more list requests at start and nothing afterwards.
+const LIST_PAGE_SIZE: u32 = 100;
+
+/// Every object of a kind.
+fn listed() -> watcher::Config {
+    watcher::Config::default().page_size(LIST_PAGE_SIZE)
+}
+
+/// The objects paddock manages (its label).
 fn managed() -> watcher::Config {
-    watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"))
+    listed().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"))
 }
 
 async fn run_controllers(
@@ -670,15 +682,12 @@ async fn run_controllers(
             .reflect_shared(dv_writer)
             .inspect(owner_of_deleted_child(deleted_children.clone()))
             .for_each(synced.track("datavolumes")),
-        watcher(
-            api::<VirtualMachine>(&client, namespace),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .modify(without_managed_fields)
-        .reflect_shared(vm_writer)
-        .inspect(owner_of_deleted_child(deleted_children.clone()))
-        .for_each(synced.track("virtualmachines")),
+        watcher(api::<VirtualMachine>(&client, namespace), listed())
+            .default_backoff()
+            .modify(without_managed_fields)
+            .reflect_shared(vm_writer)
+            .inspect(owner_of_deleted_child(deleted_children.clone()))
+            .for_each(synced.track("virtualmachines")),
         watcher(api::<Secret>(&client, namespace), managed())
             .default_backoff()
             .modify(without_managed_fields)
@@ -765,15 +774,12 @@ async fn run_controllers(
         context.recorder.clone(),
         probes.metrics.clone(),
     )));
-    let app_events = watcher(
-        api::<VirtualMachineApp>(&client, namespace),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(without_managed_fields)
-    .reflect(apps_writer)
-    .inspect(synced.observer("virtualmachineapps"))
-    .applied_objects();
+    let app_events = watcher(api::<VirtualMachineApp>(&client, namespace), listed())
+        .default_backoff()
+        .modify(without_managed_fields)
+        .reflect(apps_writer)
+        .inspect(synced.observer("virtualmachineapps"))
+        .applied_objects();
     let app_controller = Controller::for_stream(app_events, apps)
         .with_config(config.clone())
         .owns_shared_stream(dv_events)
