@@ -631,11 +631,11 @@ async fn backup_in(
         ..options.push.clone()
     };
     let sessions = sessions_directory(options, namespace, name);
-    move_upload_sessions(&sessions, &layout);
+    paddock_oci::registry::move_upload_sessions(&sessions, &layout);
     let pushed = paddock_oci::registry::push(&layout, &reference, &push_options, progress).await;
     // Sessions of blobs now complete are gone from the layout; the others may serve a rerun.
     if std::fs::create_dir_all(&sessions).is_ok() {
-        move_upload_sessions(&layout, &sessions);
+        paddock_oci::registry::move_upload_sessions(&layout, &sessions);
     }
     let report = pushed.map_err(|source| BackupError::Push {
         reference: reference.clone(),
@@ -662,32 +662,6 @@ fn sessions_directory(options: &BackupOptions, namespace: &str, name: &str) -> s
         .join("paddock-cluster-backup-sessions")
         .join(namespace)
         .join(name)
-}
-
-/// Moves the push's saved upload sessions (`.paddock-push-<hex>.json`, see
-/// `paddock_oci::registry`) from one directory to another. When the destination is a layout, only
-/// sessions of blobs it holds move; a move that fails only costs a resume.
-fn move_upload_sessions(from: &Path, to: &Path) {
-    let Ok(entries) = std::fs::read_dir(from) else {
-        return;
-    };
-    let to_layout = to.join("blobs").join("sha256");
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(text) = name.to_str() else {
-            continue;
-        };
-        let Some(hex) = text
-            .strip_prefix(".paddock-push-")
-            .and_then(|rest| rest.strip_suffix(".json"))
-        else {
-            continue;
-        };
-        if to_layout.is_dir() && !to_layout.join(hex).is_file() {
-            continue;
-        }
-        let _ = std::fs::rename(entry.path(), to.join(text));
-    }
 }
 
 async fn take_snapshot(apis: &ClusterApis, names: &Names<'_>) -> Result<()> {

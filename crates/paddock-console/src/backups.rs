@@ -379,17 +379,34 @@ pub(crate) async fn check_registry(
 }
 
 fn report_view(report: &BackupReport) -> BackupView {
+    pushed_view(
+        [
+            &report.reference,
+            &report.pinned_reference,
+            &report.tag,
+            &report.digest,
+        ],
+        &report.info,
+    )
+}
+
+/// The view of a backup just pushed, from what the push reported, when the registry cannot be read
+/// back (`[reference, pinned reference, tag, digest]`; the size is unknown there).
+pub(crate) fn pushed_view(
+    [reference, pinned_reference, tag, digest]: [&String; 4],
+    info: &paddock_oci::backup::BackupInfo,
+) -> BackupView {
     BackupView {
-        reference: report.reference.clone(),
-        pinned_reference: report.pinned_reference.clone(),
-        tag: report.tag.clone(),
-        digest: report.digest.clone(),
+        reference: reference.clone(),
+        pinned_reference: pinned_reference.clone(),
+        tag: tag.clone(),
+        digest: digest.clone(),
         size: 0,
-        namespace: report.info.namespace.clone(),
-        name: report.info.name.clone(),
-        created_at: report.info.created.clone(),
-        disk_virtual_size: report.info.disk_virtual_size,
-        display_name: report.info.definition.spec.display_name.clone(),
+        namespace: info.namespace.clone(),
+        name: info.name.clone(),
+        created_at: info.created.clone(),
+        disk_virtual_size: info.disk_virtual_size,
+        display_name: info.definition.spec.display_name.clone(),
     }
 }
 

@@ -361,7 +361,7 @@ async fn backup_in(
     };
     // The disk copy is in the layer now; free its space before the upload.
     let _ = std::fs::remove_file(&exported.path);
-    move_upload_sessions(resume, &layout);
+    paddock_oci::registry::move_upload_sessions(resume, &layout);
     progress.stage(BackupStage::Pushing);
     let push_options = PushOptions {
         image: None,
@@ -371,7 +371,7 @@ async fn backup_in(
     match pushed {
         Ok(report) => {
             // Sessions of blobs that are now complete are useless; others may serve a later run.
-            move_upload_sessions(&layout, resume);
+            paddock_oci::registry::move_upload_sessions(&layout, resume);
             Ok(BackupReport {
                 pinned_reference: format!("{repository}@{}", built.manifest_digest),
                 reference,
@@ -384,35 +384,9 @@ async fn backup_in(
             })
         }
         Err(source) => {
-            move_upload_sessions(&layout, resume);
+            paddock_oci::registry::move_upload_sessions(&layout, resume);
             Err(BackupError::Push { source })
         }
-    }
-}
-
-/// Moves the push's saved upload sessions (`.paddock-push-<hex>.json`, see
-/// `paddock_oci::registry`) from one directory to another. When the destination is a layout, only
-/// sessions of blobs it holds move; a move that fails only costs a resume.
-fn move_upload_sessions(from: &Path, to: &Path) {
-    let Ok(entries) = std::fs::read_dir(from) else {
-        return;
-    };
-    let to_layout = to.join("blobs").join("sha256");
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(text) = name.to_str() else {
-            continue;
-        };
-        let Some(hex) = text
-            .strip_prefix(".paddock-push-")
-            .and_then(|rest| rest.strip_suffix(".json"))
-        else {
-            continue;
-        };
-        if to_layout.is_dir() && !to_layout.join(hex).is_file() {
-            continue;
-        }
-        let _ = std::fs::rename(entry.path(), to.join(text));
     }
 }
 
@@ -477,34 +451,4 @@ pub async fn restore(runtime: &Runtime, entry: &BackupEntry, options: &RestoreOp
         Err(error) => return Err(error.into()),
     }
     Ok(runtime.create(app).await?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upload_sessions_move_into_a_layout_only_for_its_blobs() {
-        let directory = tempfile::tempdir().unwrap();
-        let resume = directory.path().join("resume");
-        let layout = directory.path().join("layout");
-        std::fs::create_dir_all(&resume).unwrap();
-        std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-        std::fs::write(layout.join("blobs/sha256/aaaa"), b"blob").unwrap();
-        for name in [".paddock-push-aaaa.json", ".paddock-push-bbbb.json", "unrelated"] {
-            std::fs::write(resume.join(name), b"{}").unwrap();
-        }
-        move_upload_sessions(&resume, &layout);
-        assert!(layout.join(".paddock-push-aaaa.json").is_file());
-        assert!(
-            !layout.join(".paddock-push-bbbb.json").exists(),
-            "not a blob of this layout"
-        );
-        assert!(resume.join(".paddock-push-bbbb.json").is_file());
-        assert!(resume.join("unrelated").is_file());
-        // Back to the resume directory: everything that is a session goes.
-        move_upload_sessions(&layout, &resume);
-        assert!(resume.join(".paddock-push-aaaa.json").is_file());
-        assert!(!layout.join(".paddock-push-aaaa.json").exists());
-    }
 }

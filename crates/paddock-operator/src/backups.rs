@@ -725,27 +725,11 @@ async fn write_status(
     app: &VirtualMachineApp,
     (status, condition): (BackupStatus, Condition),
 ) {
-    let namespace = app.namespace().unwrap_or_default();
-    let api = Api::<VirtualMachineApp>::namespaced(shared.client.clone(), &namespace);
-    let patch = serde_json::json!({
-        "apiVersion": VirtualMachineApp::api_version(&()),
-        "kind": VirtualMachineApp::kind(&()),
-        "status": {
-            "backup": status,
-            "conditions": [condition],
-        },
+    let fields = serde_json::json!({
+        "backup": status,
+        "conditions": [condition],
     });
-    shared
-        .metrics
-        .wrote(VirtualMachineApp::kind(&()).as_ref(), "status");
-    match api
-        .patch_status(
-            &app.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
+    match apply_status(shared, app, fields).await {
         Ok(_) => {
             if let (Some(uid), Ok(mut written)) = (app.uid(), shared.written.lock()) {
                 written.insert(uid, (status, condition));
@@ -767,24 +751,7 @@ async fn clear_status(shared: &Shared, app: &VirtualMachineApp) {
     {
         return;
     }
-    let api =
-        Api::<VirtualMachineApp>::namespaced(shared.client.clone(), &app.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": VirtualMachineApp::api_version(&()),
-        "kind": VirtualMachineApp::kind(&()),
-        "status": {},
-    });
-    shared
-        .metrics
-        .wrote(VirtualMachineApp::kind(&()).as_ref(), "status");
-    match api
-        .patch_status(
-            &app.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
+    match apply_status(shared, app, serde_json::json!({})).await {
         Ok(_) => {
             if let Ok(mut written) = shared.written.lock() {
                 written.remove(&uid);
@@ -796,6 +763,31 @@ async fn clear_status(shared: &Shared, app: &VirtualMachineApp) {
         }
         Err(error) => tracing::warn!(app = %app.name_any(), %error, "cannot clear the backup status"),
     }
+}
+
+/// Server-side applies `fields` as the app's status under [`FIELD_MANAGER`]: the fields this
+/// manager owned and `fields` lacks are dropped.
+async fn apply_status(
+    shared: &Shared,
+    app: &VirtualMachineApp,
+    fields: serde_json::Value,
+) -> Result<VirtualMachineApp, kube::Error> {
+    let api =
+        Api::<VirtualMachineApp>::namespaced(shared.client.clone(), &app.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": VirtualMachineApp::api_version(&()),
+        "kind": VirtualMachineApp::kind(&()),
+        "status": fields,
+    });
+    shared
+        .metrics
+        .wrote(VirtualMachineApp::kind(&()).as_ref(), "status");
+    api.patch_status(
+        &app.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
 }
 
 /// Publishes an Event about `app` (best effort: a failure is logged).

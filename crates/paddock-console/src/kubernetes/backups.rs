@@ -39,7 +39,9 @@ use crate::backend::{
     BackendError, BackendResult, BackupListRequest, BackupRequest, BackupView, ErrorKind, OperationProgress,
     OperationView, Permission, RestoreRequest, UserInfo, VmRef,
 };
-use crate::backups::{OperationBackupProgress, backup_view, check_registry, list_with, oci_error};
+use crate::backups::{
+    OperationBackupProgress, backup_view, check_registry, list_with, oci_error, pushed_view,
+};
 
 /// Upload chunk size (the CLI's default): an interrupted backup resumes at the last chunk.
 const CHUNK_SIZE: u64 = 256 << 20;
@@ -278,18 +280,15 @@ impl UserBackend {
                         Ok(entry) => backup_view(&entry),
                         Err(error) => {
                             tracing::warn!(%error, reference = %report.reference, "cannot read the new backup back");
-                            BackupView {
-                                reference: report.reference.clone(),
-                                pinned_reference: report.pinned_reference.clone(),
-                                tag: report.tag.clone(),
-                                digest: report.digest.clone(),
-                                size: 0,
-                                namespace: report.info.namespace.clone(),
-                                name: report.info.name.clone(),
-                                created_at: report.info.created.clone(),
-                                disk_virtual_size: report.info.disk_virtual_size,
-                                display_name: report.info.definition.spec.display_name.clone(),
-                            }
+                            pushed_view(
+                                [
+                                    &report.reference,
+                                    &report.pinned_reference,
+                                    &report.tag,
+                                    &report.digest,
+                                ],
+                                &report.info,
+                            )
                         }
                     };
                     tracing::info!(vm = %id, %user, reference = %report.reference, "backup done");

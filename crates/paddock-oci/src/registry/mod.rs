@@ -33,7 +33,7 @@ use std::path::PathBuf;
 
 pub use auth::{Credentials, CredentialsError};
 pub use pull::{PullOptions, PulledImage, pull};
-pub use push::{DEFAULT_CHUNK_SIZE, PushOptions, PushReport, push};
+pub use push::{DEFAULT_CHUNK_SIZE, PushOptions, PushReport, move_upload_sessions, push};
 
 /// How to reach and authenticate to a registry.
 #[derive(Debug, Clone, Default)]

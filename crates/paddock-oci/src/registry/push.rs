@@ -361,6 +361,33 @@ fn state_path(layout: &Path, blob: &BlobFile) -> PathBuf {
     layout.join(format!(".paddock-push-{hex}.json"))
 }
 
+/// Moves the saved upload sessions (`.paddock-push-<hex>.json`, see [`push`]) from one directory
+/// to another, so a push from a layout rebuilt elsewhere (a backup's scratch directory) resumes
+/// where an earlier one stopped. When the destination is a layout, only sessions of blobs it holds
+/// move; a move that fails only costs a resume.
+pub fn move_upload_sessions(from: &Path, to: &Path) {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    let to_layout = to.join("blobs").join("sha256");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(text) = name.to_str() else {
+            continue;
+        };
+        let Some(hex) = text
+            .strip_prefix(".paddock-push-")
+            .and_then(|rest| rest.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        if to_layout.is_dir() && !to_layout.join(hex).is_file() {
+            continue;
+        }
+        let _ = std::fs::rename(entry.path(), to.join(text));
+    }
+}
+
 fn read_state(path: &Path) -> Option<UploadState> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
@@ -689,6 +716,31 @@ pub async fn push(
 mod tests {
     use super::*;
     use crate::{Compression, ImageOptions, NoProgress, build_layout};
+
+    #[test]
+    fn upload_sessions_move_into_a_layout_only_for_its_blobs() {
+        let directory = tempfile::tempdir().unwrap();
+        let resume = directory.path().join("resume");
+        let layout = directory.path().join("layout");
+        std::fs::create_dir_all(&resume).unwrap();
+        std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+        std::fs::write(layout.join("blobs/sha256/aaaa"), b"blob").unwrap();
+        for name in [".paddock-push-aaaa.json", ".paddock-push-bbbb.json", "unrelated"] {
+            std::fs::write(resume.join(name), b"{}").unwrap();
+        }
+        move_upload_sessions(&resume, &layout);
+        assert!(layout.join(".paddock-push-aaaa.json").is_file());
+        assert!(
+            !layout.join(".paddock-push-bbbb.json").exists(),
+            "not a blob of this layout"
+        );
+        assert!(resume.join(".paddock-push-bbbb.json").is_file());
+        assert!(resume.join("unrelated").is_file());
+        // Back to the resume directory: everything that is a session goes.
+        move_upload_sessions(&layout, &resume);
+        assert!(resume.join(".paddock-push-aaaa.json").is_file());
+        assert!(!layout.join(".paddock-push-aaaa.json").exists());
+    }
 
     #[test]
     fn plans_a_built_layout_and_refuses_a_tampered_manifest() {
