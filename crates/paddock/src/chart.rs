@@ -141,6 +141,10 @@ mod tests {
                     .replace(
                         r#"{{ printf "--namespace=%s" . | quote }}"#,
                         "--namespace=vms",
+                    )
+                    .replace(
+                        r#"{{ printf "--backup-concurrency=%v" .Values.backup.concurrency | quote }}"#,
+                        "--backup-concurrency=1",
                     );
                 assert!(!rendered.contains("{{"), "unrendered argument {rendered}");
                 arguments.push(rendered);
@@ -158,6 +162,9 @@ mod tests {
             "lease_name: \"paddock-operator\"",
             // The chart owns the webhook configurations; the operator only injects the CA.
             "webhook_configurations: InjectCa",
+            // Backups: one at a time, scratch space on the chart's emptyDir.
+            "backup_concurrency: 1,",
+            "backup_scratch_directory: Some(\"/var/lib/paddock/backup-scratch\")",
         ] {
             assert!(shown.contains(expected), "{expected} not in {shown}");
         }
