@@ -633,9 +633,21 @@ async fn backup_in(
     let sessions = sessions_directory(options, namespace, name);
     paddock_oci::registry::move_upload_sessions(&sessions, &layout);
     let pushed = paddock_oci::registry::push(&layout, &reference, &push_options, progress).await;
-    // Sessions of blobs now complete are gone from the layout; the others may serve a rerun.
-    if std::fs::create_dir_all(&sessions).is_ok() {
-        paddock_oci::registry::move_upload_sessions(&layout, &sessions);
+    if pushed.is_err() {
+        // Sessions of blobs now complete are gone from the layout; the others serve a rerun.
+        if std::fs::create_dir_all(&sessions).is_ok() {
+            paddock_oci::registry::move_upload_sessions(&layout, &sessions);
+        }
+    } else {
+        // Nothing is left to resume: remove this VM's directory and the parents it leaves empty
+        // (`remove_dir` refuses a directory another backup still uses).
+        let mut directory = Some(sessions.as_path());
+        for _ in 0..3 {
+            match directory {
+                Some(path) if std::fs::remove_dir(path).is_ok() => directory = path.parent(),
+                _ => break,
+            }
+        }
     }
     let report = pushed.map_err(|source| BackupError::Push {
         reference: reference.clone(),
