@@ -52,6 +52,15 @@ pub const KEPT_OPERATIONS: usize = 64;
 /// Upload chunk size (the CLI's default): an interrupted backup resumes at the last chunk.
 const CHUNK_SIZE: u64 = 256 << 20;
 
+/// How backups from the console push, in either mode: in [`CHUNK_SIZE`] chunks with `registry`.
+pub(crate) fn push_options(registry: &RegistryOptions) -> PushOptions {
+    PushOptions {
+        registry: registry.clone(),
+        chunk_size: Some(CHUNK_SIZE),
+        ..PushOptions::default()
+    }
+}
+
 /// The operations of one backend, running and recently ended, oldest first.
 #[derive(Debug, Default)]
 pub struct Operations {
@@ -324,11 +333,7 @@ pub async fn start_backup(
     )?;
     let options = BackupOptions {
         repository: request.repository.clone(),
-        push: PushOptions {
-            registry: registry.clone(),
-            chunk_size: Some(CHUNK_SIZE),
-            ..PushOptions::default()
-        },
+        push: push_options(&registry),
         image: ImageOptions::default(),
     };
     let progress = Arc::new(OperationBackupProgress::new(

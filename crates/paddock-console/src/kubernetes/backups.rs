@@ -32,7 +32,7 @@ use paddock_local::VmId;
 use paddock_local::backup::{RestoreOptions, restored_definition};
 use paddock_oci::ImageOptions;
 use paddock_oci::backup::inspect_backup;
-use paddock_oci::registry::{PushOptions, RegistryOptions};
+use paddock_oci::registry::RegistryOptions;
 
 use super::{Kind, UserBackend, permission};
 use crate::backend::{
@@ -40,11 +40,8 @@ use crate::backend::{
     OperationView, Permission, RestoreRequest, UserInfo, VmRef,
 };
 use crate::backups::{
-    OperationBackupProgress, backup_view, check_registry, list_with, oci_error, pushed_view,
+    OperationBackupProgress, backup_view, check_registry, list_with, oci_error, push_options, pushed_view,
 };
-
-/// Upload chunk size (the CLI's default): an interrupted backup resumes at the last chunk.
-const CHUNK_SIZE: u64 = 256 << 20;
 
 /// How the console backs up in cluster mode (its flags).
 #[derive(Debug, Clone, Default)]
@@ -249,11 +246,7 @@ impl UserBackend {
         let settings = &self.shared.backup;
         let options = BackupOptions {
             repository: request.repository.clone(),
-            push: PushOptions {
-                registry: registry.clone(),
-                chunk_size: Some(CHUNK_SIZE),
-                ..PushOptions::default()
-            },
+            push: push_options(&registry),
             image: ImageOptions::default(),
             link: settings.export_link,
             scratch_parent: settings.scratch_parent.clone(),
